@@ -1,0 +1,53 @@
+//! The library's error type: every bad input gets a message that says what was expected.
+
+use std::path::PathBuf;
+
+/// Errors the library reports. Messages name the file, tensor or line at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {msg}")]
+    Json { path: PathBuf, msg: String },
+    #[error("{path}:{line}: {msg}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: corrupt or truncated safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("token id {id} is out of range: the model's embedding has {rows} rows")]
+    TokenOutOfRange { id: u32, rows: usize },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error tagged with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

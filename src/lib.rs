@@ -1,0 +1,10 @@
+//! rlhf: a single-node RLHF training engine.
+//!
+//! One transformer (`model`), written once against the [`backend::Backend`] trait, with an
+//! explicit backward pass; the rayon CPU backend (`backend::cpu`) is the numerical reference.
+
+pub mod backend;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

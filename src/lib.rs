@@ -3,8 +3,11 @@
 //! One transformer (`model`), written once against the [`backend::Backend`] trait, with an
 //! explicit backward pass; the rayon CPU backend (`backend::cpu`) is the numerical reference.
 
+pub mod algo;
 pub mod backend;
 pub mod error;
 pub mod model;
+pub mod optim;
+pub mod rng;
 
 pub use error::{Error, Result};

@@ -16,6 +16,9 @@
 //!   implement one family completely before the next.
 
 pub mod cpu;
+pub mod loss;
+
+pub use loss::LossOps;
 
 use std::ops::Range;
 

@@ -372,3 +372,63 @@ fn rope_theta(v: &Value) -> Result<f32> {
         .and_then(Value::as_f64)
         .unwrap_or(10000.0) as f32)
 }
+
+/// Names of the built-in configurations (`--model NAME` with `--tokenizer`).
+pub const BUILTIN: &[&str] = &["gpt2-tiny", "llama-tiny", "gpt2-6l-384"];
+
+impl Config {
+    /// A built-in configuration by name, sized for a vocabulary of `vocab_size` tokens:
+    /// `gpt2-tiny` and `llama-tiny` (2 layers, d=64, the fixtures' shapes) and `gpt2-6l-384`
+    /// (6 layers, d=384, 6 heads: the benchmark's GPT-2-like model).
+    pub fn builtin(name: &str, vocab_size: usize) -> Result<Config> {
+        let gpt2 = |n_layer, c, n_head| Config {
+            family: Family::Gpt2,
+            head: Head::Lm,
+            vocab_size,
+            hidden_size: c,
+            n_layer,
+            n_head,
+            n_kv_head: n_head,
+            head_dim: c / n_head,
+            intermediate_size: 4 * c,
+            max_position: 256,
+            norm: Norm::LayerNorm,
+            norm_eps: 1e-5,
+            act: Act::Gelu,
+            pos: Pos::Learned,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            tie_embeddings: true,
+            bos_token_id: Some(0),
+            eos_token_ids: vec![0],
+            pad_token_id: Some(1),
+        };
+        let cfg = match name {
+            "gpt2-tiny" => gpt2(2, 64, 4),
+            "gpt2-6l-384" => gpt2(6, 384, 6),
+            "llama-tiny" => Config {
+                family: Family::Llama,
+                n_kv_head: 2,
+                head_dim: 16,
+                intermediate_size: 176,
+                norm: Norm::RmsNorm,
+                act: Act::SwiGlu,
+                pos: Pos::Rope { theta: 10000.0 },
+                qkv_bias: false,
+                o_bias: false,
+                mlp_bias: false,
+                tie_embeddings: false,
+                ..gpt2(2, 64, 4)
+            },
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown built-in model `{other}` (built-in: {})",
+                    BUILTIN.join(", ")
+                )))
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,620 @@
+//! The transformer, top to bottom: embed, blocks, final norm, heads. Forward saves what backward
+//! needs; backward consumes it in mirror order. Written once against [`ModelOps`], so every
+//! backend runs the same model code.
+//!
+//! Shapes: `N = B·T` token rows, `C` hidden, `QKV = (NH + 2·KVH)·HD`, `A = NH·HD`, `F` the
+//! MLP's first projection (I for GELU, 2I for SwiGLU), `I` the MLP inner width, `V` vocabulary.
+
+use super::config::{Act, Config, Head, Norm, Pos};
+use super::layout::Layout;
+use crate::backend::{AttnShape, ModelOps};
+use crate::{Error, Result};
+use std::ops::Range;
+
+/// A batch of token rows, padded to one length `t`, with a mask and HF-style position ids.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub b: usize,
+    pub t: usize,
+    /// `B·T` token ids (pad positions hold the pad id).
+    pub ids: Vec<u32>,
+    /// `B·T` flags: true for real tokens.
+    pub mask: Vec<bool>,
+    /// `B·T` position ids: `cumsum(mask) - 1`, and 1 at pad positions, as transformers computes
+    /// them, so left-padded rows get the positions they would have alone.
+    pub pos: Vec<u32>,
+}
+
+/// Which side padding goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pad {
+    /// Training batches: tokens first, padding after.
+    Right,
+    /// Generation: padding first, so every row's last token is at the same column.
+    Left,
+}
+
+impl Batch {
+    /// Pads `rows` to the longest one with `pad_id`.
+    pub fn new(rows: &[Vec<u32>], pad_id: u32, side: Pad) -> Batch {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let b = rows.len();
+        let mut ids = vec![pad_id; b * t];
+        let mut mask = vec![false; b * t];
+        for (r, row) in rows.iter().enumerate() {
+            let start = match side {
+                Pad::Right => 0,
+                Pad::Left => t - row.len(),
+            };
+            ids[r * t + start..r * t + start + row.len()].copy_from_slice(row);
+            mask[r * t + start..r * t + start + row.len()].fill(true);
+        }
+        let pos = positions(&mask, t);
+        Batch {
+            b,
+            t,
+            ids,
+            mask,
+            pos,
+        }
+    }
+
+    /// Number of token rows, `B·T`.
+    pub fn n(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// HF position ids from a mask: `cumsum(mask) - 1`, with 1 at pad positions.
+pub fn positions(mask: &[bool], t: usize) -> Vec<u32> {
+    let mut pos = vec![0u32; mask.len()];
+    for (row_m, row_p) in mask.chunks(t.max(1)).zip(pos.chunks_mut(t.max(1))) {
+        let mut count = 0u32;
+        for (m, p) in row_m.iter().zip(row_p.iter_mut()) {
+            count += *m as u32;
+            *p = if *m { count - 1 } else { 1 };
+        }
+    }
+    pos
+}
+
+/// What one block's forward saves for its backward.
+struct BlockActs<B: ModelOps> {
+    /// Block input, the residual stream (N, C).
+    x: B::Buf,
+    ln1: B::Buf,
+    ln1_mean: B::Buf,
+    ln1_rstd: B::Buf,
+    /// q, k, v after RoPE (N, QKV).
+    qkv: B::Buf,
+    /// Attention output before the output projection (N, A).
+    att: B::Buf,
+    lse: B::Buf,
+    /// Residual after attention (N, C).
+    x_mid: B::Buf,
+    ln2: B::Buf,
+    ln2_mean: B::Buf,
+    ln2_rstd: B::Buf,
+    /// First MLP projection (N, F).
+    fc: B::Buf,
+    /// MLP activation (N, I).
+    act: B::Buf,
+}
+
+/// Everything a forward pass saves, and the final hidden states it produced.
+pub struct Activations<B: ModelOps> {
+    blocks: Vec<BlockActs<B>>,
+    /// Residual stream after the last block (N, C).
+    x_out: B::Buf,
+    lnf_mean: B::Buf,
+    lnf_rstd: B::Buf,
+    /// Final normalised hidden states (N, C): the heads' input.
+    pub hidden: B::Buf,
+    /// The batch's ids, mask and positions, kept for backward.
+    batch: Batch,
+}
+
+/// A transformer: its configuration, parameter layout and flat parameter buffer.
+pub struct Model<B: ModelOps> {
+    pub cfg: Config,
+    pub layout: Layout,
+    pub params: B::Buf,
+}
+
+impl<B: ModelOps> Model<B> {
+    /// A model with the given parameters (a flat buffer in `layout` order).
+    pub fn new(be: &B, cfg: Config, params: &[f32]) -> Result<Model<B>> {
+        let layout = Layout::new(&cfg);
+        if params.len() != layout.total {
+            return Err(Error::Invalid(format!(
+                "parameter buffer has {} values, the configuration needs {}",
+                params.len(),
+                layout.total
+            )));
+        }
+        Ok(Model {
+            cfg,
+            layout,
+            params: be.upload(params),
+        })
+    }
+
+    fn p<'a>(&'a self, be: &B, r: &Range<usize>) -> B::View<'a> {
+        be.view(&self.params, r.clone())
+    }
+
+    fn po<'a>(&'a self, be: &B, r: &Option<Range<usize>>) -> Option<B::View<'a>> {
+        r.as_ref().map(|r| be.view(&self.params, r.clone()))
+    }
+
+    fn attn_shape(&self, batch: &Batch) -> AttnShape {
+        AttnShape {
+            b: batch.b,
+            t: batch.t,
+            n_head: self.cfg.n_head,
+            n_kv_head: self.cfg.n_kv_head,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Checks that every id fits the embedding and every position the position table.
+    pub fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let rows = self.cfg.vocab_size;
+        if let Some(&id) = batch.ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(Error::TokenOutOfRange { id, rows });
+        }
+        if self.cfg.pos == Pos::Learned {
+            if let Some(&p) = batch.pos.iter().max() {
+                if p as usize >= self.cfg.max_position {
+                    return Err(Error::Invalid(format!(
+                        "a sequence of {} tokens exceeds the model's {} positions",
+                        p + 1,
+                        self.cfg.max_position
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn norm_forward(
+        &self,
+        be: &B,
+        out: &mut B::Buf,
+        mean: &mut B::Buf,
+        rstd: &mut B::Buf,
+        inp: &B::Buf,
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+        n: usize,
+    ) {
+        let (c, eps) = (self.cfg.hidden_size, self.cfg.norm_eps);
+        match self.cfg.norm {
+            Norm::LayerNorm => be.layernorm_forward(
+                be.all_mut(out),
+                be.all_mut(mean),
+                be.all_mut(rstd),
+                be.all(inp),
+                self.p(be, w),
+                self.p(be, b.as_ref().expect("LayerNorm has a bias")),
+                n,
+                c,
+                eps,
+            ),
+            Norm::RmsNorm => be.rmsnorm_forward(
+                be.all_mut(out),
+                be.all_mut(rstd),
+                be.all(inp),
+                self.p(be, w),
+                n,
+                c,
+                eps,
+            ),
+        }
+    }
+
+    /// `dinp += ∂/∂inp`, and the norm's weight (and bias) gradients into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        &self,
+        be: &B,
+        grads: &mut B::Buf,
+        dinp: &mut B::Buf,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        mean: &B::Buf,
+        rstd: &B::Buf,
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+        n: usize,
+    ) {
+        let c = self.cfg.hidden_size;
+        match self.cfg.norm {
+            Norm::LayerNorm => be.layernorm_backward(
+                be.all_mut(dinp),
+                be.view_mut(grads, w.clone()),
+                be.all(dout),
+                be.all(inp),
+                self.p(be, w),
+                be.all(mean),
+                be.all(rstd),
+                n,
+                c,
+            ),
+            Norm::RmsNorm => be.rmsnorm_backward(
+                be.all_mut(dinp),
+                be.view_mut(grads, w.clone()),
+                be.all(dout),
+                be.all(inp),
+                self.p(be, w),
+                be.all(rstd),
+                n,
+                c,
+            ),
+        }
+        if let Some(b) = b {
+            be.bias_backward(be.view_mut(grads, b.clone()), be.all(dout), n, c);
+        }
+    }
+
+    /// `out = inp · wᵀ + b` for a fresh `out` of `n × oc`.
+    fn linear(
+        &self,
+        be: &B,
+        inp: &B::Buf,
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> B::Buf {
+        let mut out = be.zeros(n * oc);
+        be.matmul_forward(
+            be.all_mut(&mut out),
+            be.all(inp),
+            self.p(be, w),
+            self.po(be, b),
+            n,
+            c,
+            oc,
+        );
+        out
+    }
+
+    /// Backward of [`Self::linear`]: returns `dinp` (fresh) and adds the weight and bias
+    /// gradients into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        be: &B,
+        grads: &mut B::Buf,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> B::Buf {
+        let mut dinp = be.zeros(n * c);
+        be.matmul_backward(
+            Some(be.all_mut(&mut dinp)),
+            be.view_mut(grads, w.clone()),
+            be.all(dout),
+            be.all(inp),
+            self.p(be, w),
+            n,
+            c,
+            oc,
+        );
+        if let Some(b) = b {
+            be.bias_backward(be.view_mut(grads, b.clone()), be.all(dout), n, oc);
+        }
+        dinp
+    }
+
+    fn mlp_widths(&self) -> (usize, usize) {
+        let i = self.cfg.intermediate_size;
+        match self.cfg.act {
+            Act::Gelu => (i, i),
+            Act::SwiGlu => (2 * i, i),
+        }
+    }
+
+    fn rope_theta(&self) -> Option<f32> {
+        match self.cfg.pos {
+            Pos::Rope { theta } => Some(theta),
+            Pos::Learned => None,
+        }
+    }
+
+    /// Runs the model over a batch and returns the saved activations, whose `hidden` field holds
+    /// the final normalised hidden states (N, C).
+    pub fn forward(&self, be: &B, batch: &Batch) -> Result<Activations<B>> {
+        self.check_batch(batch)?;
+        let cfg = &self.cfg;
+        let (n, c) = (batch.n(), cfg.hidden_size);
+        let shape = self.attn_shape(batch);
+        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
+        let (f, i) = self.mlp_widths();
+        let l = &self.layout;
+
+        let mut x = be.zeros(n * c);
+        be.embedding_forward(be.all_mut(&mut x), self.p(be, &l.embed), &batch.ids, c, false);
+        if let Some(pe) = &l.pos_embed {
+            be.embedding_forward(be.all_mut(&mut x), self.p(be, pe), &batch.pos, c, true);
+        }
+
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for bp in &l.blocks {
+            let (mut ln1, mut ln1_mean, mut ln1_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+            self.norm_forward(be, &mut ln1, &mut ln1_mean, &mut ln1_rstd, &x, &bp.ln1_w, &bp.ln1_b, n);
+            let mut qkv = self.linear(be, &ln1, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
+            if let Some(theta) = self.rope_theta() {
+                be.rope_forward(be.all_mut(&mut qkv), &batch.pos, shape, theta);
+            }
+            let (mut att, mut lse) = (be.zeros(n * a), be.zeros(batch.b * cfg.n_head * batch.t));
+            be.attention_forward(be.all_mut(&mut att), be.all_mut(&mut lse), be.all(&qkv), &batch.mask, shape);
+            let o = self.linear(be, &att, &bp.o_w, &bp.o_b, n, a, c);
+            let mut x_mid = be.zeros(n * c);
+            be.add(be.all_mut(&mut x_mid), be.all(&x), be.all(&o));
+
+            let (mut ln2, mut ln2_mean, mut ln2_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+            self.norm_forward(be, &mut ln2, &mut ln2_mean, &mut ln2_rstd, &x_mid, &bp.ln2_w, &bp.ln2_b, n);
+            let fc = self.linear(be, &ln2, &bp.fc_w, &bp.fc_b, n, c, f);
+            let mut act = be.zeros(n * i);
+            match cfg.act {
+                Act::Gelu => be.gelu_forward(be.all_mut(&mut act), be.all(&fc)),
+                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut act), be.all(&fc), n, i),
+            }
+            let proj = self.linear(be, &act, &bp.proj_w, &bp.proj_b, n, i, c);
+            let mut x_next = be.zeros(n * c);
+            be.add(be.all_mut(&mut x_next), be.all(&x_mid), be.all(&proj));
+
+            blocks.push(BlockActs {
+                x,
+                ln1,
+                ln1_mean,
+                ln1_rstd,
+                qkv,
+                att,
+                lse,
+                x_mid,
+                ln2,
+                ln2_mean,
+                ln2_rstd,
+                fc,
+                act,
+            });
+            x = x_next;
+        }
+        let (mut hidden, mut lnf_mean, mut lnf_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+        self.norm_forward(be, &mut hidden, &mut lnf_mean, &mut lnf_rstd, &x, &l.lnf_w, &l.lnf_b, n);
+        Ok(Activations {
+            blocks,
+            x_out: x,
+            lnf_mean,
+            lnf_rstd,
+            hidden,
+            batch: batch.clone(),
+        })
+    }
+
+    /// Backpropagates `dhidden` (N, C), the loss gradient w.r.t. `acts.hidden`, through the
+    /// model, adding every parameter's gradient into `grads` (a flat buffer in layout order).
+    pub fn backward(&self, be: &B, acts: &Activations<B>, dhidden: &B::Buf, grads: &mut B::Buf) {
+        let cfg = &self.cfg;
+        let batch = &acts.batch;
+        let (n, c) = (batch.n(), cfg.hidden_size);
+        let shape = self.attn_shape(batch);
+        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
+        let (f, i) = self.mlp_widths();
+        let l = &self.layout;
+
+        // dx: gradient w.r.t. the residual stream, flowing down through the blocks.
+        let mut dx = be.zeros(n * c);
+        self.norm_backward(be, grads, &mut dx, dhidden, &acts.x_out, &acts.lnf_mean, &acts.lnf_rstd, &l.lnf_w, &l.lnf_b, n);
+
+        for (bp, s) in l.blocks.iter().zip(&acts.blocks).rev() {
+            // MLP: x_next = x_mid + proj(act(fc(ln2(x_mid)))).
+            let dact = self.linear_backward(be, grads, &dx, &s.act, &bp.proj_w, &bp.proj_b, n, i, c);
+            let mut dfc = be.zeros(n * f);
+            match cfg.act {
+                Act::Gelu => be.gelu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact)),
+                Act::SwiGlu => be.swiglu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact), n, i),
+            }
+            let dln2 = self.linear_backward(be, grads, &dfc, &s.ln2, &bp.fc_w, &bp.fc_b, n, c, f);
+            // dx now stands for d x_mid: the residual path plus the norm's contribution.
+            self.norm_backward(be, grads, &mut dx, &dln2, &s.x_mid, &s.ln2_mean, &s.ln2_rstd, &bp.ln2_w, &bp.ln2_b, n);
+
+            // Attention: x_mid = x + o(attn(rope(qkv(ln1(x))))).
+            let datt = self.linear_backward(be, grads, &dx, &s.att, &bp.o_w, &bp.o_b, n, a, c);
+            let mut dqkv = be.zeros(n * qkv_w);
+            be.attention_backward(
+                be.all_mut(&mut dqkv),
+                be.all(&datt),
+                be.all(&s.qkv),
+                be.all(&s.att),
+                be.all(&s.lse),
+                &batch.mask,
+                shape,
+            );
+            if let Some(theta) = self.rope_theta() {
+                be.rope_backward(be.all_mut(&mut dqkv), &batch.pos, shape, theta);
+            }
+            let dln1 = self.linear_backward(be, grads, &dqkv, &s.ln1, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
+            self.norm_backward(be, grads, &mut dx, &dln1, &s.x, &s.ln1_mean, &s.ln1_rstd, &bp.ln1_w, &bp.ln1_b, n);
+        }
+
+        be.embedding_backward(be.view_mut(grads, l.embed.clone()), be.all(&dx), &batch.ids, c);
+        if let Some(pe) = &l.pos_embed {
+            be.embedding_backward(be.view_mut(grads, pe.clone()), be.all(&dx), &batch.pos, c);
+        }
+    }
+
+    /// Logits (N, V) of the LM head for the given hidden states (N, C).
+    pub fn logits(&self, be: &B, hidden: &B::Buf, n: usize) -> B::Buf {
+        let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        self.linear(be, hidden, &self.layout.lm_head_or_embed(), &None, n, c, v)
+    }
+
+    /// Per-row scalar values (N) of the score head for hidden states (N, C).
+    pub fn values(&self, be: &B, hidden: &B::Buf, n: usize) -> Result<B::Buf> {
+        let score = self.score_range()?;
+        Ok(self.linear(be, hidden, &score, &None, n, self.cfg.hidden_size, 1))
+    }
+
+    /// Adds the gradient of `Σ dvalues·values` w.r.t. the score weight into `grads` and returns
+    /// the gradient w.r.t. the hidden states (N, C).
+    pub fn values_backward(&self, be: &B, hidden: &B::Buf, dvalues: &B::Buf, n: usize, grads: &mut B::Buf) -> Result<B::Buf> {
+        let score = self.score_range()?;
+        Ok(self.linear_backward(be, grads, dvalues, hidden, &score, &None, n, self.cfg.hidden_size, 1))
+    }
+
+    fn score_range(&self) -> Result<Range<usize>> {
+        self.layout.score.clone().ok_or_else(|| {
+            Error::Invalid("this model has no scalar head (score.weight); it is a language model".into())
+        })
+    }
+
+    fn lm_range(&self) -> Result<Range<usize>> {
+        if self.cfg.head != Head::Lm {
+            return Err(Error::Invalid("this model has a scalar head, not a language-model head".into()));
+        }
+        Ok(self.layout.lm_head_or_embed())
+    }
+
+    /// Log-probs (and optionally entropies) of `targets` under the LM head at `temperature`,
+    /// computed `chunk` rows at a time so the (N, V) logits never exist at once.
+    /// Returns `(logp, entropy)` as host vectors of N values.
+    pub fn head_logprobs(
+        &self,
+        be: &B,
+        hidden: &B::Buf,
+        targets: &[u32],
+        temperature: f32,
+        with_entropy: bool,
+        chunk: usize,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let w = self.lm_range()?;
+        let (c, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, targets.len());
+        check_targets(targets, v)?;
+        let mut logp = Vec::with_capacity(n);
+        let mut ent = with_entropy.then(|| Vec::with_capacity(n));
+        for r in row_chunks(n, chunk) {
+            let m = r.len();
+            let mut logits = be.zeros(m * v);
+            be.matmul_forward(be.all_mut(&mut logits), be.view(hidden, r.start * c..r.end * c), self.p(be, &w), None, m, c, v);
+            let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
+            let mut e = with_entropy.then(|| be.zeros(m));
+            be.logprobs_forward(
+                be.all_mut(&mut lp),
+                e.as_mut().map(|e| be.all_mut(e)),
+                be.all_mut(&mut lse),
+                be.all(&logits),
+                &targets[r.clone()],
+                m,
+                v,
+                temperature,
+            );
+            logp.extend(be.download(be.all(&lp)));
+            if let (Some(ent), Some(e)) = (ent.as_mut(), e.as_ref()) {
+                ent.extend(be.download(be.all(e)));
+            }
+        }
+        Ok((logp, ent))
+    }
+
+    /// Backward of [`Self::head_logprobs`]: given `dlogp` (and `dentropy`) per row, adds the LM
+    /// head's weight gradient into `grads` and returns `dhidden` (N, C). Recomputes each chunk's
+    /// logits rather than keeping them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_logprobs_backward(
+        &self,
+        be: &B,
+        hidden: &B::Buf,
+        targets: &[u32],
+        temperature: f32,
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        chunk: usize,
+        grads: &mut B::Buf,
+    ) -> Result<B::Buf> {
+        let w = self.lm_range()?;
+        let (c, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, targets.len());
+        let mut dhidden = be.zeros(n * c);
+        for r in row_chunks(n, chunk) {
+            let m = r.len();
+            let h = be.view(hidden, r.start * c..r.end * c);
+            let mut logits = be.zeros(m * v);
+            be.matmul_forward(be.all_mut(&mut logits), h, self.p(be, &w), None, m, c, v);
+            let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
+            be.logprobs_forward(be.all_mut(&mut lp), None, be.all_mut(&mut lse), be.all(&logits), &targets[r.clone()], m, v, temperature);
+            let dlp = be.upload(&dlogp[r.clone()]);
+            let dent = dentropy.map(|d| be.upload(&d[r.clone()]));
+            let mut dlogits = be.zeros(m * v);
+            be.logprobs_backward(
+                be.all_mut(&mut dlogits),
+                be.all(&logits),
+                &targets[r.clone()],
+                be.all(&lse),
+                be.all(&dlp),
+                dent.as_ref().map(|d| be.all(d)),
+                m,
+                v,
+                temperature,
+            );
+            be.matmul_backward(
+                Some(be.view_mut(&mut dhidden, r.start * c..r.end * c)),
+                be.view_mut(grads, w.clone()),
+                be.all(&dlogits),
+                h,
+                self.p(be, &w),
+                m,
+                c,
+                v,
+            );
+        }
+        Ok(dhidden)
+    }
+
+    /// Next-token log-probs of a batch: `out[b][t] = log p(ids[b, t+1] | ids[b, ..=t])` for each
+    /// row's real tokens (length `len_b - 1`). Rows may be right- or left-padded.
+    pub fn next_token_logprobs(&self, be: &B, batch: &Batch) -> Result<Vec<Vec<f32>>> {
+        let acts = self.forward(be, batch)?;
+        let targets = shifted_targets(batch);
+        let (logp, _) = self.head_logprobs(be, &acts.hidden, &targets, 1.0, false, 1024)?;
+        Ok((0..batch.b)
+            .map(|r| {
+                let row = r * batch.t..(r + 1) * batch.t;
+                (row.start..row.end - 1)
+                    .filter(|&j| batch.mask[j] && batch.mask[j + 1])
+                    .map(|j| logp[j])
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// The next token of each row position (`ids[j + 1]`; the last column and pads point at the
+/// row's own id so they stay in range): targets for teacher forcing.
+pub fn shifted_targets(batch: &Batch) -> Vec<u32> {
+    let t = batch.t;
+    (0..batch.n())
+        .map(|j| if (j + 1) % t != 0 { batch.ids[j + 1] } else { batch.ids[j] })
+        .collect()
+}
+
+fn check_targets(targets: &[u32], v: usize) -> Result<()> {
+    match targets.iter().find(|&&id| id as usize >= v) {
+        Some(&id) => Err(Error::TokenOutOfRange { id, rows: v }),
+        None => Ok(()),
+    }
+}
+
+/// `0..n` in consecutive ranges of at most `chunk` rows.
+fn row_chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    let chunk = chunk.max(1);
+    (0..n.div_ceil(chunk)).map(move |k| k * chunk..((k + 1) * chunk).min(n))
+}

@@ -2,7 +2,18 @@
 //! other backend is validated against, so clarity comes before cleverness; reductions use fixed
 //! chunking so results never depend on thread scheduling.
 
+mod activation;
+mod attention;
+mod elementwise;
+mod logprob;
+mod loss;
+mod math;
+mod matmul;
 mod model_ops;
+mod norm;
+mod optim;
+mod reduce;
+mod rope;
 
 use super::Backend;
 use std::ops::Range;

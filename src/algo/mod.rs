@@ -1,0 +1,3 @@
+//! The training objectives: each a loss and a loop.
+
+pub mod sft;

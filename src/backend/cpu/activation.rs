@@ -1,0 +1,101 @@
+//! Pointwise activations: GELU (tanh form) and SwiGLU.
+
+use super::math;
+use super::reduce::{ELEM_CHUNK, ROW_CHUNK};
+use rayon::prelude::*;
+
+/// `sqrt(2/π)`, the scale inside GELU's tanh.
+const GELU_SCALE: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh approximation.
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (HF `gelu_new`,
+/// `gelu_pytorch_tanh`). out, inp: any equal length.
+pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), inp.len(), "gelu_forward: out and inp differ in length");
+    out.par_chunks_mut(ELEM_CHUNK)
+        .zip(inp.par_chunks(ELEM_CHUNK))
+        .for_each(|(out, inp)| {
+            for (o, &x) in out.iter_mut().zip(inp) {
+                let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+                *o = 0.5 * x * (1.0 + math::tanh(u));
+            }
+        });
+}
+
+/// `gelu'(x)` of the tanh form.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    let th = math::tanh(u);
+    let sech2 = 1.0 - th * th;
+    0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+}
+
+/// `dinp += gelu'(inp) · dout`. dinp, inp, dout: any equal length.
+pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    assert!(
+        dinp.len() == inp.len() && inp.len() == dout.len(),
+        "gelu_backward: dinp, inp and dout differ in length"
+    );
+    dinp.par_chunks_mut(ELEM_CHUNK)
+        .zip(inp.par_chunks(ELEM_CHUNK))
+        .zip(dout.par_chunks(ELEM_CHUNK))
+        .for_each(|((dinp, inp), dout)| {
+            for ((dx, &x), &dy) in dinp.iter_mut().zip(inp).zip(dout) {
+                *dx += gelu_grad(x) * dy;
+            }
+        });
+}
+
+/// SwiGLU: `out[n, i] = silu(gate) · up`, `silu(g) = g·σ(g)`, with rows of `inp` laid out
+/// `[gate (I) | up (I)]` (HF's `gate_proj` and `up_proj` outputs side by side).
+/// out: (N, I), inp: (N, 2I).
+pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, i: usize) {
+    assert_eq!(out.len(), n * i, "swiglu_forward: out is not N·I");
+    assert_eq!(inp.len(), n * 2 * i, "swiglu_forward: inp is not N·2I");
+    if n == 0 || i == 0 {
+        return;
+    }
+    out.par_chunks_mut(i * ROW_CHUNK)
+        .zip(inp.par_chunks(2 * i * ROW_CHUNK))
+        .for_each(|(out, inp)| {
+            for (o, x) in out.chunks_exact_mut(i).zip(inp.chunks_exact(2 * i)) {
+                let (gate, up) = x.split_at(i);
+                for ((oi, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *oi = g * math::sigmoid(g) * u;
+                }
+            }
+        });
+}
+
+/// Gradient of SwiGLU: `dgate += dout·up·silu'(gate)`, `dup += dout·silu(gate)`, with
+/// `silu'(g) = σ(g)·(1 + g·(1 - σ(g)))`.
+/// dinp: (N, 2I), inp: (N, 2I), dout: (N, I).
+pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, i: usize) {
+    assert_eq!(dinp.len(), n * 2 * i, "swiglu_backward: dinp is not N·2I");
+    assert_eq!(inp.len(), n * 2 * i, "swiglu_backward: inp is not N·2I");
+    assert_eq!(dout.len(), n * i, "swiglu_backward: dout is not N·I");
+    if n == 0 || i == 0 {
+        return;
+    }
+    dinp.par_chunks_mut(2 * i * ROW_CHUNK)
+        .zip(inp.par_chunks(2 * i * ROW_CHUNK))
+        .zip(dout.par_chunks(i * ROW_CHUNK))
+        .for_each(|((dinp, inp), dout)| {
+            for ((dx, x), dy) in dinp
+                .chunks_exact_mut(2 * i)
+                .zip(inp.chunks_exact(2 * i))
+                .zip(dout.chunks_exact(i))
+            {
+                let (gate, up) = x.split_at(i);
+                let (dgate, dup) = dx.split_at_mut(i);
+                for k in 0..i {
+                    let (g, u) = (gate[k], up[k]);
+                    let s = math::sigmoid(g);
+                    dgate[k] += dy[k] * u * s * (1.0 + g * (1.0 - s));
+                    dup[k] += dy[k] * g * s;
+                }
+            }
+        });
+}

@@ -1,0 +1,230 @@
+//! Linear layers through the `gemm` crate, plus the bias gradient.
+//!
+//! Every product is one `gemm` call on the caller's memory: transposes are expressed as strides,
+//! so nothing is copied, and backward accumulates straight into the gradient (`dst = dst + A·B`)
+//! as the trait's "backward adds" rule asks.
+
+use super::reduce::{add_partials, ROW_CHUNK};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// A strided read-only matrix operand: element `(i, j)` is at `ptr[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Mat {
+    /// A row-major matrix with row stride `rs` starting at `s[offset]`.
+    pub fn rows(s: &[f32], offset: usize, rs: usize) -> Mat {
+        debug_assert!(offset <= s.len());
+        // `wrapping_add` keeps forming the pointer safe; `gemm_f32`'s callers check bounds.
+        Mat {
+            ptr: s.as_ptr().wrapping_add(offset),
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose of [`Mat::rows`]: element `(i, j)` is `s[offset + j·rs + i]`.
+    pub fn cols(s: &[f32], offset: usize, rs: usize) -> Mat {
+        Mat {
+            ptr: s.as_ptr().wrapping_add(offset),
+            rs: 1,
+            cs: rs as isize,
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · lhs · rhs`, dst (m, n) row-major with row stride
+/// `dst_rs` from `dst[0]`, lhs (m, k), rhs (k, n).
+///
+/// # Safety
+/// Every element `(i, j)` of `lhs` for `i < m, j < k` and of `rhs` for `i < k, j < n` must be
+/// in bounds of one live allocation that `dst` does not overlap, and `dst` must hold
+/// `(m-1)·dst_rs + n` elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm destination too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: dst bounds checked above; operand bounds and aliasing are the caller's contract.
+    // gemm computes dst := alpha·dst + beta·lhs·rhs, reading dst only when read_dst is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Rayon threads for a large product; gemm's own threshold keeps small ones single-threaded,
+/// and below 32³ multiply-adds the thread hand-off alone would cost more than the work.
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    if m * n * k >= 32 * 32 * 32 && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `out = inp · wᵀ + bias`.
+/// out: (N, OC), inp: (N, C), w: (OC, C), bias: (OC).
+pub fn matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert_eq!(out.len(), n * oc, "matmul_forward: out is not N·OC");
+    assert_eq!(inp.len(), n * c, "matmul_forward: inp is not N·C");
+    assert_eq!(w.len(), oc * c, "matmul_forward: w is not OC·C");
+    // The bias goes in first and gemm accumulates onto it: one pass over `out` fewer than
+    // adding it afterwards.
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), oc, "matmul_forward: bias is not OC");
+        if oc == 0 {
+            return;
+        }
+        out.par_chunks_mut(oc * ROW_CHUNK).for_each(|rows| {
+            for row in rows.chunks_exact_mut(oc) {
+                row.copy_from_slice(bias);
+            }
+        });
+    }
+    // SAFETY: inp is (N, C) row-major and w (OC, C) read as its transpose (C, OC); lengths were
+    // checked above and `out` is a distinct &mut.
+    unsafe {
+        gemm_f32(
+            out,
+            oc,
+            Mat::rows(inp, 0, c),
+            Mat::cols(w, 0, c),
+            n,
+            oc,
+            c,
+            1.0,
+            bias.is_some(),
+            parallelism(n, oc, c),
+        )
+    }
+}
+
+/// `dinp += dout · w` (when `dinp` is given) and `dw += doutᵀ · inp`.
+/// dinp: (N, C), dw: (OC, C), dout: (N, OC), inp: (N, C), w: (OC, C).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dinp: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert_eq!(dout.len(), n * oc, "matmul_backward: dout is not N·OC");
+    assert_eq!(inp.len(), n * c, "matmul_backward: inp is not N·C");
+    assert_eq!(w.len(), oc * c, "matmul_backward: w is not OC·C");
+    assert_eq!(dw.len(), oc * c, "matmul_backward: dw is not OC·C");
+    if let Some(dinp) = dinp {
+        assert_eq!(dinp.len(), n * c, "matmul_backward: dinp is not N·C");
+        // SAFETY: dout (N, OC) and w (OC, C) are row-major and in bounds (checked above).
+        unsafe {
+            gemm_f32(
+                dinp,
+                c,
+                Mat::rows(dout, 0, oc),
+                Mat::rows(w, 0, c),
+                n,
+                c,
+                oc,
+                1.0,
+                true,
+                parallelism(n, c, oc),
+            )
+        }
+    }
+    // SAFETY: doutᵀ is (OC, N) read through dout's strides, inp (N, C) row-major; both in
+    // bounds (checked above).
+    unsafe {
+        gemm_f32(
+            dw,
+            c,
+            Mat::cols(dout, 0, oc),
+            Mat::rows(inp, 0, c),
+            oc,
+            c,
+            n,
+            1.0,
+            true,
+            parallelism(oc, c, n),
+        )
+    }
+}
+
+/// `dbias += Σ_n dout[n]`. dbias: (OC), dout: (N, OC).
+///
+/// Rows are summed in fixed chunks of [`ROW_CHUNK`] in parallel, then the chunk partials are
+/// added in chunk order: the result does not depend on the number of threads.
+pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize, oc: usize) {
+    assert_eq!(dout.len(), n * oc, "bias_backward: dout is not N·OC");
+    assert_eq!(dbias.len(), oc, "bias_backward: dbias is not OC");
+    if oc == 0 {
+        return;
+    }
+    let partials: Vec<Vec<f32>> = dout
+        .par_chunks(oc * ROW_CHUNK)
+        .map(|rows| {
+            let mut acc = vec![0.0f32; oc];
+            for row in rows.chunks_exact(oc) {
+                for (a, &d) in acc.iter_mut().zip(row) {
+                    *a += d;
+                }
+            }
+            acc
+        })
+        .collect();
+    add_partials(dbias, &partials);
+}

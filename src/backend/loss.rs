@@ -449,11 +449,11 @@ pub trait LossOps: Backend {
         grad: Option<Grad<'_, Self>>,
     ) -> f64;
 
-    /// The clipped surrogate policy loss, per token
-    /// `l = max(-A·r, -A·clip(r, 1-ε_low, 1+ε_high))`, `r = exp(logp - logp_old)`;
-    /// with dual clip, `l = min(l, -A·c)` where `A < 0`; then `+ β·k3(logp, logp_ref)
-    /// - entropy_coef·H`; aggregated as `cfg.agg`. Writes the per-token `l` to `per_token` (N) if
-    /// given (0 on pads) and the gradient to `grad` in the same pass.
+    /// The clipped surrogate policy loss. Per token, with `r = exp(logp - logp_old)`:
+    /// `l = max(-A·r, -A·clip(r, 1-ε_low, 1+ε_high))`; with dual clip, `l = min(l, -A·c)` where
+    /// `A < 0`; then `l += β·k3(logp, logp_ref) - entropy_coef·H`. Aggregated as `cfg.agg`.
+    /// Writes the per-token `l` to `per_token` (N) if given (0 on pads), and the gradient to
+    /// `grad` in the same pass.
     fn policy_loss(
         &self,
         x: &PolicyLossInputs<'_, Self>,

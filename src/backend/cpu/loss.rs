@@ -592,7 +592,7 @@ impl LossOps for Cpu {
             let centred = r[i] - base[i];
             advantages[i] = match cfg.scale {
                 GroupScale::None => centred,
-                GroupScale::Group => centred / stds[i].max(1e-30) * (stds[i] > 0.0) as u8 as f64,
+                GroupScale::Group => centred / (stds[i] + eps),
                 GroupScale::Batch => centred / (batch_std + eps),
             } as f32;
         }

@@ -5,6 +5,7 @@
 
 pub mod algo;
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod model;
 pub mod optim;

@@ -1,1 +1,74 @@
-fn main() {}
+//! The `rlhf` command line: parses arguments, then calls the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use rlhf::backend::cpu::Cpu;
+use rlhf::model::{Batch, Model, Pad};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "rlhf", version, about = "Single-node RLHF training engine (SFT, reward model, PPO, GRPO, DPO)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the log-prob of every next token of some token rows, as JSON on stdout.
+    Logprobs {
+        /// A Hugging Face model directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON file `{"input_ids": [[...], ...]}`; rows may differ in length.
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Benchmarks against PyTorch / transformers baselines.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Training step (forward + backward + AdamW, causal-LM loss) against PyTorch on the CPU.
+    Train(rlhf::bench::TrainArgs),
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Logprobs { model, input } => logprobs(&model, &input),
+        Cmd::Bench { what } => match what {
+            BenchCmd::Train(args) => rlhf::bench::train(&args),
+        },
+    }
+}
+
+fn logprobs(model_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Input {
+        input_ids: Vec<Vec<u32>>,
+    }
+    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let inp: Input = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected JSON {{\"input_ids\": [[...], ...]}}", input.display()))?;
+    if let Some(r) = inp.input_ids.iter().position(Vec::is_empty) {
+        bail!("{}: row {r} of input_ids is empty", input.display());
+    }
+    let be = Cpu;
+    let model = Model::load(&be, model_dir)?;
+    let pad = model.cfg.pad_token_id.unwrap_or(0);
+    let batch = Batch::new(&inp.input_ids, pad, Pad::Right);
+    let logprobs = model.next_token_logprobs(&be, &batch)?;
+    println!("{}", serde_json::json!({ "logprobs": logprobs }));
+    Ok(())
+}

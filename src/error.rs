@@ -37,6 +37,20 @@ pub enum Error {
     Tokenizer(String),
     #[error("invalid input: {0}")]
     Invalid(String),
+    #[error("{path}: the file holds no examples")]
+    EmptyData { path: PathBuf },
+    /// A NaN or infinite loss or gradient: the run stops before the bad update is applied.
+    #[error("non-finite {what} at step {step}; the run stopped. {kept}")]
+    NonFinite {
+        what: String,
+        step: u64,
+        /// Which checkpoint survives, phrased for the user.
+        kept: String,
+    },
+    /// A run directory that cannot be used as asked (an existing run without `--resume`,
+    /// nothing to resume, a configuration that would not resume exactly).
+    #[error("{path}: {msg}")]
+    Run { path: PathBuf, msg: String },
 }
 
 /// The library's result type.

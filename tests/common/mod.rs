@@ -72,7 +72,11 @@ pub fn check_grad_at(
     indices: &[usize],
     tol: Tol,
 ) -> Result<Worst, String> {
-    assert_eq!(x.len(), analytic.len(), "check_grad: x and analytic differ in length");
+    assert_eq!(
+        x.len(),
+        analytic.len(),
+        "check_grad: x and analytic differ in length"
+    );
     let mut worst: Option<Worst> = None;
     let mut failures = Vec::new();
     for &i in indices {
@@ -127,9 +131,19 @@ pub fn weighted_sum(r: &[f32], out: &[f32]) -> f64 {
 
 /// Checks `|got - want| <= abs + rel·|want|` elementwise; the error names the worst element and
 /// how many fail.
-pub fn check_close(what: &str, got: &[f32], want: &[f64], abs: f64, rel: f64) -> Result<(), String> {
+pub fn check_close(
+    what: &str,
+    got: &[f32],
+    want: &[f64],
+    abs: f64,
+    rel: f64,
+) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     let mut worst = (0usize, 0.0f64);
     let mut bad = 0;

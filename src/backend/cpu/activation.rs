@@ -12,7 +12,11 @@ const GELU_CUBIC: f32 = 0.044_715;
 /// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (HF `gelu_new`,
 /// `gelu_pytorch_tanh`). out, inp: any equal length.
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-    assert_eq!(out.len(), inp.len(), "gelu_forward: out and inp differ in length");
+    assert_eq!(
+        out.len(),
+        inp.len(),
+        "gelu_forward: out and inp differ in length"
+    );
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(inp.par_chunks(ELEM_CHUNK))
         .for_each(|(out, inp)| {

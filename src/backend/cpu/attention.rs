@@ -12,8 +12,8 @@
 //! Shapes: `qkv` rows are `[q (NH·HD) | k (KVH·HD) | v (KVH·HD)]`, `B·T` rows batch-major;
 //! `out` and `dout` are `(B·T, NH·HD)`; `lse` is `(B, NH, T)`.
 
-use super::matmul::{gemm_f32, Mat};
 use super::math;
+use super::matmul::{gemm_f32, Mat};
 use super::reduce::{dot, sum};
 use crate::backend::AttnShape;
 use gemm::Parallelism;
@@ -121,7 +121,14 @@ pub fn attention_forward(
     key_mask: &[bool],
     s: AttnShape,
 ) {
-    check("attention_forward", &s, qkv.len(), out.len(), lse.len(), key_mask.len());
+    check(
+        "attention_forward",
+        &s,
+        qkv.len(),
+        out.len(),
+        lse.len(),
+        key_mask.len(),
+    );
     let (t, hd, nh) = (s.t, s.head_dim, s.n_head);
     if s.b == 0 || t == 0 || nh == 0 || hd == 0 {
         return;
@@ -251,9 +258,24 @@ pub fn attention_backward(
     key_mask: &[bool],
     s: AttnShape,
 ) {
-    check("attention_backward", &s, qkv.len(), out.len(), lse.len(), key_mask.len());
-    assert_eq!(dqkv.len(), qkv.len(), "attention_backward: dqkv and qkv differ in length");
-    assert_eq!(dout.len(), out.len(), "attention_backward: dout and out differ in length");
+    check(
+        "attention_backward",
+        &s,
+        qkv.len(),
+        out.len(),
+        lse.len(),
+        key_mask.len(),
+    );
+    assert_eq!(
+        dqkv.len(),
+        qkv.len(),
+        "attention_backward: dqkv and qkv differ in length"
+    );
+    assert_eq!(
+        dout.len(),
+        out.len(),
+        "attention_backward: dout and out differ in length"
+    );
     let (t, hd, nh, kvh) = (s.t, s.head_dim, s.n_head, s.n_kv_head);
     if s.b == 0 || t == 0 || nh == 0 || hd == 0 {
         return;
@@ -282,9 +304,9 @@ pub fn attention_backward(
                 for i0 in (0..t).step_by(TILE) {
                     let i1 = (i0 + TILE).min(t);
                     let bq = i1 - i0;
-                    for r in 0..bq {
+                    for (r, d) in d_row[..bq].iter_mut().enumerate() {
                         let at = o_off + (i0 + r) * ow;
-                        d_row[r] = dot(&dout[at..at + hd], &out[at..at + hd]);
+                        *d = dot(&dout[at..at + hd], &out[at..at + hd]);
                     }
                     for (j0, j1) in key_tiles(i1, mask) {
                         let bk = j1 - j0;

@@ -7,7 +7,11 @@ use rayon::prelude::*;
 /// added onto the token embedding).
 /// out: (N, C), table: (rows, C), ids: (N) values `< rows`.
 pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], c: usize, accumulate: bool) {
-    assert_eq!(out.len(), ids.len() * c, "embedding_forward: out is not N·C");
+    assert_eq!(
+        out.len(),
+        ids.len() * c,
+        "embedding_forward: out is not N·C"
+    );
     if c == 0 {
         return;
     }
@@ -37,11 +41,19 @@ const TABLE_ROWS_PER_TASK: usize = 2048;
 /// rows that land in its block. Every table row thus receives its contributions in the same
 /// order as a sequential loop, whatever the threads, and no two tasks write the same row.
 pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
-    assert_eq!(dout.len(), ids.len() * c, "embedding_backward: dout is not N·C");
+    assert_eq!(
+        dout.len(),
+        ids.len() * c,
+        "embedding_backward: dout is not N·C"
+    );
     if c == 0 {
         return;
     }
-    assert_eq!(dtable.len() % c, 0, "embedding_backward: dtable is not rows·C");
+    assert_eq!(
+        dtable.len() % c,
+        0,
+        "embedding_backward: dtable is not rows·C"
+    );
     let rows = dtable.len() / c;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
         panic!("embedding_backward: id {bad} is outside the table of {rows} rows");
@@ -81,7 +93,11 @@ pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
 
 /// `acc += x`. acc, x: equal lengths.
 pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
-    assert_eq!(acc.len(), x.len(), "add_inplace: acc and x differ in length");
+    assert_eq!(
+        acc.len(),
+        x.len(),
+        "add_inplace: acc and x differ in length"
+    );
     acc.par_chunks_mut(ELEM_CHUNK)
         .zip(x.par_chunks(ELEM_CHUNK))
         .for_each(|(a, x)| {

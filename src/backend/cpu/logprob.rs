@@ -74,7 +74,10 @@ pub fn logprobs_forward(
     temperature: f32,
 ) {
     check("logprobs_forward", logits.len(), targets, n, v, temperature);
-    assert!(logp.len() == n && lse.len() == n, "logprobs_forward: logp and lse must be N");
+    assert!(
+        logp.len() == n && lse.len() == n,
+        "logprobs_forward: logp and lse must be N"
+    );
     if n == 0 {
         return;
     }
@@ -113,9 +116,23 @@ pub fn logprobs_backward(
     v: usize,
     temperature: f32,
 ) {
-    check("logprobs_backward", logits.len(), targets, n, v, temperature);
-    assert_eq!(dlogits.len(), n * v, "logprobs_backward: dlogits is not N·V");
-    assert!(lse.len() == n && dlogp.len() == n, "logprobs_backward: lse and dlogp must be N");
+    check(
+        "logprobs_backward",
+        logits.len(),
+        targets,
+        n,
+        v,
+        temperature,
+    );
+    assert_eq!(
+        dlogits.len(),
+        n * v,
+        "logprobs_backward: dlogits is not N·V"
+    );
+    assert!(
+        lse.len() == n && dlogp.len() == n,
+        "logprobs_backward: lse and dlogp must be N"
+    );
     if let Some(de) = dentropy {
         assert_eq!(de.len(), n, "logprobs_backward: dentropy must be N");
     }
@@ -148,7 +165,11 @@ pub fn logprobs_backward(
             for (d, &xi) in dz.iter_mut().zip(x) {
                 let c = logp(xi);
                 let p = math::exp(c);
-                let g = if p > 0.0 { p * (dl + dh * (c + h)) } else { 0.0 };
+                let g = if p > 0.0 {
+                    p * (dl + dh * (c + h))
+                } else {
+                    0.0
+                };
                 *d -= g / temperature;
             }
             let tg = targets[r] as usize;

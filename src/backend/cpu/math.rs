@@ -28,13 +28,8 @@ pub fn exp(x: f32) -> f32 {
     // ln 2 split in two so that `n · LN2_HI` is exact for the n that occur.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = if x < EXP_LO {
-        EXP_LO
-    } else if x > EXP_HI {
-        EXP_HI
-    } else {
-        x
-    };
+    // NaN passes through `clamp` and makes the polynomial NaN.
+    let xc = x.clamp(EXP_LO, EXP_HI);
     let t = xc * std::f32::consts::LOG2_E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
@@ -44,7 +39,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * (r * r) + r + 1.0;
     let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
     let y = er * two_n;

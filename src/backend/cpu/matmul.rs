@@ -60,7 +60,10 @@ pub unsafe fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm destination too small");
+    assert!(
+        dst.len() >= (m - 1) * dst_rs + n,
+        "gemm destination too small"
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {

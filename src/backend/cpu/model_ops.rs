@@ -183,7 +183,17 @@ impl ModelOps for Cpu {
         v: usize,
         temperature: f32,
     ) {
-        logprob::logprobs_backward(dlogits, logits, targets, lse, dlogp, dentropy, n, v, temperature)
+        logprob::logprobs_backward(
+            dlogits,
+            logits,
+            targets,
+            lse,
+            dlogp,
+            dentropy,
+            n,
+            v,
+            temperature,
+        )
     }
 
     fn sum_squares(&self, x: &[f32]) -> f64 {

@@ -22,8 +22,17 @@ pub fn layernorm_forward(
     c: usize,
     eps: f32,
 ) {
-    check_shapes("layernorm_forward", n, c, &[out.len(), inp.len()], &[mean.len(), rstd.len()]);
-    assert!(w.len() == c && b.len() == c, "layernorm_forward: w and b must be C");
+    check_shapes(
+        "layernorm_forward",
+        n,
+        c,
+        &[out.len(), inp.len()],
+        &[mean.len(), rstd.len()],
+    );
+    assert!(
+        w.len() == c && b.len() == c,
+        "layernorm_forward: w and b must be C"
+    );
     if n == 0 || c == 0 {
         return;
     }
@@ -67,8 +76,17 @@ pub fn layernorm_backward(
     n: usize,
     c: usize,
 ) {
-    check_shapes("layernorm_backward", n, c, &[dinp.len(), dout.len(), inp.len()], &[mean.len(), rstd.len()]);
-    assert!(w.len() == c && dw.len() == c, "layernorm_backward: w and dw must be C");
+    check_shapes(
+        "layernorm_backward",
+        n,
+        c,
+        &[dinp.len(), dout.len(), inp.len()],
+        &[mean.len(), rstd.len()],
+    );
+    assert!(
+        w.len() == c && dw.len() == c,
+        "layernorm_backward: w and dw must be C"
+    );
     if n == 0 || c == 0 {
         return;
     }
@@ -120,7 +138,13 @@ pub fn rmsnorm_forward(
     c: usize,
     eps: f32,
 ) {
-    check_shapes("rmsnorm_forward", n, c, &[out.len(), inp.len()], &[rstd.len()]);
+    check_shapes(
+        "rmsnorm_forward",
+        n,
+        c,
+        &[out.len(), inp.len()],
+        &[rstd.len()],
+    );
     assert_eq!(w.len(), c, "rmsnorm_forward: w must be C");
     if n == 0 || c == 0 {
         return;
@@ -153,8 +177,17 @@ pub fn rmsnorm_backward(
     n: usize,
     c: usize,
 ) {
-    check_shapes("rmsnorm_backward", n, c, &[dinp.len(), dout.len(), inp.len()], &[rstd.len()]);
-    assert!(w.len() == c && dw.len() == c, "rmsnorm_backward: w and dw must be C");
+    check_shapes(
+        "rmsnorm_backward",
+        n,
+        c,
+        &[dinp.len(), dout.len(), inp.len()],
+        &[rstd.len()],
+    );
+    assert!(
+        w.len() == c && dw.len() == c,
+        "rmsnorm_backward: w and dw must be C"
+    );
     if n == 0 || c == 0 {
         return;
     }
@@ -194,9 +227,16 @@ pub fn rmsnorm_backward(
 /// per-row buffer `n`.
 fn check_shapes(op: &str, n: usize, c: usize, nc: &[usize], per_row: &[usize]) {
     for &len in nc {
-        assert_eq!(len, n * c, "{op}: an (N, C) buffer has {len} elements, expected {n}·{c}");
+        assert_eq!(
+            len,
+            n * c,
+            "{op}: an (N, C) buffer has {len} elements, expected {n}·{c}"
+        );
     }
     for &len in per_row {
-        assert_eq!(len, n, "{op}: a per-row buffer has {len} elements, expected N = {n}");
+        assert_eq!(
+            len, n,
+            "{op}: a per-row buffer has {len} elements, expected N = {n}"
+        );
     }
 }

@@ -46,7 +46,10 @@ pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h:
     params
         .par_chunks_mut(ELEM_CHUNK)
         .zip(grads.par_chunks(ELEM_CHUNK))
-        .zip(m.par_chunks_mut(ELEM_CHUNK).zip(v.par_chunks_mut(ELEM_CHUNK)))
+        .zip(
+            m.par_chunks_mut(ELEM_CHUNK)
+                .zip(v.par_chunks_mut(ELEM_CHUNK)),
+        )
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
                 let gi = g[i];

@@ -27,7 +27,11 @@ fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32) {
     let w = s.qkv_width();
     let hd = s.head_dim;
-    assert_eq!(qkv.len(), pos.len() * w, "rope: qkv is not N·qkv_width with N = pos.len()");
+    assert_eq!(
+        qkv.len(),
+        pos.len() * w,
+        "rope: qkv is not N·qkv_width with N = pos.len()"
+    );
     assert!(hd % 2 == 0, "rope: head_dim {hd} must be even");
     if pos.is_empty() || hd == 0 {
         return;

@@ -6,7 +6,11 @@
 pub mod algo;
 pub mod backend;
 pub mod bench;
+pub mod builtin_task;
+pub mod checkpoint;
+pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod rng;

@@ -35,6 +35,8 @@ enum Cmd {
 enum BenchCmd {
     /// Training step (forward + backward + AdamW, causal-LM loss) against PyTorch on the CPU.
     Train(rlhf::bench::TrainArgs),
+    /// Batched KV-cache generation against transformers' `generate` on the CPU.
+    Generate(rlhf::bench::GenerateArgs),
 }
 
 fn main() {
@@ -49,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logprobs { model, input } => logprobs(&model, &input),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
+            BenchCmd::Generate(args) => rlhf::bench::generate(&args),
         },
     }
 }

@@ -421,9 +421,10 @@ fn rope_forward_matches_direct_formula() {
     }
 }
 
-/// B = 2, T = 70 (a full 64-key tile plus a partial one), NH = 4, HD = 8. Sequence 0 is
+/// B = 2 sequences of `t` tokens, NH = 4 query heads over `n_kv_head` kv heads. Sequence 0 is
 /// right-padded (its last 10 keys masked); sequence 1 is left-padded (its first 5 keys masked,
-/// so its first 5 queries see no key at all).
+/// so its first 5 queries see no key at all). With `t` = 70 or 150 the last 64-key tile is
+/// partial.
 fn attention_case(n_kv_head: usize, t: usize, head_dim: usize) -> (AttnShape, Vec<bool>) {
     let s = AttnShape {
         b: 2,

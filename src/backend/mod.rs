@@ -309,3 +309,38 @@ pub trait ModelOps: Backend {
         h: AdamW,
     );
 }
+
+/// The decode family: what generation with a KV cache adds to the model ops.
+///
+/// Cache layout: one `k` and one `v` buffer per layer, each (B, KVH, TMAX, HD), so that one
+/// head's keys for a sequence are contiguous.
+pub trait DecodeOps: ModelOps {
+    /// Writes the k and v parts of `qkv` rows (B sequences × `shape.t` new tokens, batch-major)
+    /// into cache columns `t0 .. t0 + shape.t`.
+    fn kv_cache_store(
+        &self,
+        k_cache: Self::ViewMut<'_>,
+        v_cache: Self::ViewMut<'_>,
+        qkv: Self::View<'_>,
+        shape: AttnShape,
+        t0: usize,
+        t_max: usize,
+    );
+    /// Attention of one query row per sequence (`qkv`: (B, QKV), `shape.t` = 1) against cache
+    /// columns `0..len`, column `j` of sequence `b` visible iff `key_mask[b·TMAX + j]`.
+    /// out: (B, NH·HD). A row that sees no key outputs zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: Self::ViewMut<'_>,
+        qkv: Self::View<'_>,
+        k_cache: Self::View<'_>,
+        v_cache: Self::View<'_>,
+        key_mask: &[bool],
+        shape: AttnShape,
+        len: usize,
+        t_max: usize,
+    );
+    /// Copies a view into host memory the caller owns (no allocation, unlike `download`).
+    fn download_into(&self, v: Self::View<'_>, dst: &mut [f32]);
+}

@@ -1,6 +1,7 @@
 //! The transformer: configuration, parameter layout, Hugging Face I/O, forward and backward.
 
 pub mod config;
+pub mod generate;
 pub mod layout;
 pub mod tokenizer;
 pub mod transformer;

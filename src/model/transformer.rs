@@ -7,7 +7,7 @@
 
 use super::config::{Act, Config, Head, Norm, Pos};
 use super::layout::Layout;
-use crate::backend::{AttnShape, ModelOps};
+use crate::backend::{AttnShape, DecodeOps, ModelOps};
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -270,8 +270,25 @@ impl<B: ModelOps> Model<B> {
         oc: usize,
     ) -> B::Buf {
         let mut out = be.zeros(n * oc);
+        self.linear_into(be, &mut out, inp, w, b, n, c, oc);
+        out
+    }
+
+    /// `out = inp · wᵀ + b` into an existing `n × oc` buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_into(
+        &self,
+        be: &B,
+        out: &mut B::Buf,
+        inp: &B::Buf,
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) {
         be.matmul_forward(
-            be.all_mut(&mut out),
+            be.all_mut(out),
             be.all(inp),
             self.p(be, w),
             self.po(be, b),
@@ -279,7 +296,6 @@ impl<B: ModelOps> Model<B> {
             c,
             oc,
         );
-        out
     }
 
     /// Backward of [`Self::linear`]: returns `dinp` (fresh) and adds the weight and bias
@@ -617,4 +633,208 @@ fn check_targets(targets: &[u32], v: usize) -> Result<()> {
 fn row_chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
     let chunk = chunk.max(1);
     (0..n.div_ceil(chunk)).map(move |k| k * chunk..((k + 1) * chunk).min(n))
+}
+
+/// Keys and values of every layer for a batch of sequences being generated, and the buffers one
+/// decode step writes into: everything is allocated once, before the decode loop.
+pub struct DecodeState<B: DecodeOps> {
+    /// Per layer, (B, KVH, TMAX, HD).
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    /// Sequences in the batch.
+    pub b: usize,
+    /// Cache capacity in columns (prompt + new tokens).
+    pub t_max: usize,
+    /// Columns filled so far.
+    pub len: usize,
+    /// B·TMAX flags: which cache columns hold real tokens.
+    pub key_mask: Vec<bool>,
+    /// Next position id of each sequence.
+    pub next_pos: Vec<u32>,
+    x: B::Buf,
+    ln: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+    qkv: B::Buf,
+    att: B::Buf,
+    o: B::Buf,
+    fc: B::Buf,
+    act: B::Buf,
+    /// LM-head logits of the last step (B, V).
+    pub logits: B::Buf,
+}
+
+impl<B: DecodeOps> Model<B> {
+    /// Runs the (left-padded) prompt batch, fills a KV cache with room for `max_new` more
+    /// tokens, and leaves the logits of each row's last prompt token in `state.logits`.
+    pub fn prefill(&self, be: &B, batch: &Batch, max_new: usize) -> Result<DecodeState<B>> {
+        let cfg = &self.cfg;
+        let t_max = batch.t + max_new;
+        if cfg.pos == Pos::Learned && t_max > cfg.max_position {
+            return Err(Error::Invalid(format!(
+                "prompt of {} tokens + {max_new} new tokens exceeds the model's {} positions",
+                batch.t, cfg.max_position
+            )));
+        }
+        let acts = self.forward(be, batch)?;
+        let (b, c, v) = (batch.b, cfg.hidden_size, cfg.vocab_size);
+        let shape = self.attn_shape(batch);
+        let cache_len = b * cfg.n_kv_head * t_max * cfg.head_dim;
+        let (mut k, mut vv) = (Vec::new(), Vec::new());
+        for s in &acts.blocks {
+            let (mut kc, mut vc) = (be.zeros(cache_len), be.zeros(cache_len));
+            be.kv_cache_store(
+                be.all_mut(&mut kc),
+                be.all_mut(&mut vc),
+                be.all(&s.qkv),
+                shape,
+                0,
+                t_max,
+            );
+            k.push(kc);
+            vv.push(vc);
+        }
+        let mut key_mask = vec![false; b * t_max];
+        let mut next_pos = vec![0u32; b];
+        for r in 0..b {
+            let row = &batch.mask[r * batch.t..(r + 1) * batch.t];
+            key_mask[r * t_max..r * t_max + batch.t].copy_from_slice(row);
+            next_pos[r] = row.iter().filter(|&&m| m).count() as u32;
+        }
+        let (f, i) = self.mlp_widths();
+        let one = AttnShape { t: 1, ..shape };
+        let mut state = DecodeState {
+            k,
+            v: vv,
+            b,
+            t_max,
+            len: batch.t,
+            key_mask,
+            next_pos,
+            x: be.zeros(b * c),
+            ln: be.zeros(b * c),
+            mean: be.zeros(b),
+            rstd: be.zeros(b),
+            qkv: be.zeros(b * one.qkv_width()),
+            att: be.zeros(b * one.out_width()),
+            o: be.zeros(b * c),
+            fc: be.zeros(b * f),
+            act: be.zeros(b * i),
+            logits: be.zeros(b * v),
+        };
+        // The last column's hidden state of every row: left padding puts it at t - 1.
+        for r in 0..b {
+            let src = (r * batch.t + batch.t - 1) * c;
+            be.copy(
+                be.view_mut(&mut state.ln, r * c..(r + 1) * c),
+                be.view(&acts.hidden, src..src + c),
+            );
+        }
+        let lm = self.lm_range()?;
+        self.linear_into(be, &mut state.logits, &state.ln, &lm, &None, b, c, v);
+        Ok(state)
+    }
+
+    /// Appends one token per sequence (`ids`, B values) to the cache and computes the next
+    /// logits into `state.logits`. Allocates nothing.
+    pub fn decode_step(&self, be: &B, state: &mut DecodeState<B>, ids: &[u32]) -> Result<()> {
+        let cfg = &self.cfg;
+        let (b, c, v) = (state.b, cfg.hidden_size, cfg.vocab_size);
+        if state.len >= state.t_max {
+            return Err(Error::Invalid(format!(
+                "the KV cache is full ({} columns)",
+                state.t_max
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= v) {
+            return Err(Error::TokenOutOfRange { id, rows: v });
+        }
+        let shape = AttnShape {
+            b,
+            t: 1,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+        };
+        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
+        let (f, i) = self.mlp_widths();
+        let l = &self.layout;
+        let col = state.len;
+        for r in 0..b {
+            state.key_mask[r * state.t_max + col] = true;
+        }
+        let s = state;
+        be.embedding_forward(be.all_mut(&mut s.x), self.p(be, &l.embed), ids, c, false);
+        if let Some(pe) = &l.pos_embed {
+            be.embedding_forward(be.all_mut(&mut s.x), self.p(be, pe), &s.next_pos, c, true);
+        }
+        for (bp, (kc, vc)) in l.blocks.iter().zip(s.k.iter_mut().zip(s.v.iter_mut())) {
+            self.norm_forward(
+                be,
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                &bp.ln1_w,
+                &bp.ln1_b,
+                b,
+            );
+            self.linear_into(be, &mut s.qkv, &s.ln, &bp.qkv_w, &bp.qkv_b, b, c, qkv_w);
+            if let Some(theta) = self.rope_theta() {
+                be.rope_forward(be.all_mut(&mut s.qkv), &s.next_pos, shape, theta);
+            }
+            be.kv_cache_store(
+                be.all_mut(kc),
+                be.all_mut(vc),
+                be.all(&s.qkv),
+                shape,
+                col,
+                s.t_max,
+            );
+            be.attention_decode(
+                be.all_mut(&mut s.att),
+                be.all(&s.qkv),
+                be.all(kc),
+                be.all(vc),
+                &s.key_mask,
+                shape,
+                col + 1,
+                s.t_max,
+            );
+            self.linear_into(be, &mut s.o, &s.att, &bp.o_w, &bp.o_b, b, a, c);
+            be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
+            self.norm_forward(
+                be,
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                &bp.ln2_w,
+                &bp.ln2_b,
+                b,
+            );
+            self.linear_into(be, &mut s.fc, &s.ln, &bp.fc_w, &bp.fc_b, b, c, f);
+            match cfg.act {
+                Act::Gelu => be.gelu_forward(be.all_mut(&mut s.act), be.all(&s.fc)),
+                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut s.act), be.all(&s.fc), b, i),
+            }
+            self.linear_into(be, &mut s.o, &s.act, &bp.proj_w, &bp.proj_b, b, i, c);
+            be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
+        }
+        self.norm_forward(
+            be,
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.x,
+            &l.lnf_w,
+            &l.lnf_b,
+            b,
+        );
+        let lm = self.lm_range()?;
+        self.linear_into(be, &mut s.logits, &s.ln, &lm, &None, b, c, v);
+        s.len += 1;
+        s.next_pos.iter_mut().for_each(|p| *p += 1);
+        Ok(())
+    }
 }

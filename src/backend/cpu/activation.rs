@@ -1,6 +1,9 @@
 //! Pointwise activations: GELU (tanh form) and SwiGLU.
+//!
+//! Each op is a parallel loop over fixed chunks whose body is an `#[inline(always)]` kernel run
+//! through `simd_dispatch!`, so the exp/tanh arithmetic uses the CPU's widest vectors.
 
-use super::math;
+use super::math::{self, simd_dispatch};
 use super::reduce::{ELEM_CHUNK, ROW_CHUNK};
 use rayon::prelude::*;
 
@@ -19,12 +22,20 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     );
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(inp.par_chunks(ELEM_CHUNK))
-        .for_each(|(out, inp)| {
-            for (o, &x) in out.iter_mut().zip(inp) {
-                let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-                *o = 0.5 * x * (1.0 + math::tanh(u));
-            }
-        });
+        .for_each(|(out, inp)| gelu_forward_simd(out, inp));
+}
+
+simd_dispatch! {
+    fn gelu_forward_simd(out: &mut [f32], inp: &[f32]) = gelu_forward_kernel;
+}
+
+/// [`gelu_forward`] on one chunk.
+#[inline(always)]
+fn gelu_forward_kernel(out: &mut [f32], inp: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(inp) {
+        let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        *o = 0.5 * x * (1.0 + math::tanh(u));
+    }
 }
 
 /// `gelu'(x)` of the tanh form.
@@ -45,11 +56,19 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     dinp.par_chunks_mut(ELEM_CHUNK)
         .zip(inp.par_chunks(ELEM_CHUNK))
         .zip(dout.par_chunks(ELEM_CHUNK))
-        .for_each(|((dinp, inp), dout)| {
-            for ((dx, &x), &dy) in dinp.iter_mut().zip(inp).zip(dout) {
-                *dx += gelu_grad(x) * dy;
-            }
-        });
+        .for_each(|((dinp, inp), dout)| gelu_backward_simd(dinp, inp, dout));
+}
+
+simd_dispatch! {
+    fn gelu_backward_simd(dinp: &mut [f32], inp: &[f32], dout: &[f32]) = gelu_backward_kernel;
+}
+
+/// [`gelu_backward`] on one chunk.
+#[inline(always)]
+fn gelu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+    for ((dx, &x), &dy) in dinp.iter_mut().zip(inp).zip(dout) {
+        *dx += gelu_grad(x) * dy;
+    }
 }
 
 /// SwiGLU: `out[n, i] = silu(gate) · up`, `silu(g) = g·σ(g)`, with rows of `inp` laid out
@@ -63,14 +82,22 @@ pub fn swiglu_forward(out: &mut [f32], inp: &[f32], n: usize, i: usize) {
     }
     out.par_chunks_mut(i * ROW_CHUNK)
         .zip(inp.par_chunks(2 * i * ROW_CHUNK))
-        .for_each(|(out, inp)| {
-            for (o, x) in out.chunks_exact_mut(i).zip(inp.chunks_exact(2 * i)) {
-                let (gate, up) = x.split_at(i);
-                for ((oi, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    *oi = g * math::sigmoid(g) * u;
-                }
-            }
-        });
+        .for_each(|(out, inp)| swiglu_forward_simd(out, inp, i));
+}
+
+simd_dispatch! {
+    fn swiglu_forward_simd(out: &mut [f32], inp: &[f32], i: usize) = swiglu_forward_kernel;
+}
+
+/// [`swiglu_forward`] on a block of rows. out: (rows, I), inp: (rows, 2I).
+#[inline(always)]
+fn swiglu_forward_kernel(out: &mut [f32], inp: &[f32], i: usize) {
+    for (o, x) in out.chunks_exact_mut(i).zip(inp.chunks_exact(2 * i)) {
+        let (gate, up) = x.split_at(i);
+        for ((oi, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+            *oi = g * math::sigmoid(g) * u;
+        }
+    }
 }
 
 /// Gradient of SwiGLU: `dgate += dout·up·silu'(gate)`, `dup += dout·silu(gate)`, with
@@ -86,20 +113,29 @@ pub fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], n: usize, i:
     dinp.par_chunks_mut(2 * i * ROW_CHUNK)
         .zip(inp.par_chunks(2 * i * ROW_CHUNK))
         .zip(dout.par_chunks(i * ROW_CHUNK))
-        .for_each(|((dinp, inp), dout)| {
-            for ((dx, x), dy) in dinp
-                .chunks_exact_mut(2 * i)
-                .zip(inp.chunks_exact(2 * i))
-                .zip(dout.chunks_exact(i))
-            {
-                let (gate, up) = x.split_at(i);
-                let (dgate, dup) = dx.split_at_mut(i);
-                for k in 0..i {
-                    let (g, u) = (gate[k], up[k]);
-                    let s = math::sigmoid(g);
-                    dgate[k] += dy[k] * u * s * (1.0 + g * (1.0 - s));
-                    dup[k] += dy[k] * g * s;
-                }
-            }
-        });
+        .for_each(|((dinp, inp), dout)| swiglu_backward_simd(dinp, inp, dout, i));
+}
+
+simd_dispatch! {
+    fn swiglu_backward_simd(dinp: &mut [f32], inp: &[f32], dout: &[f32], i: usize) =
+        swiglu_backward_kernel;
+}
+
+/// [`swiglu_backward`] on a block of rows. dinp, inp: (rows, 2I), dout: (rows, I).
+#[inline(always)]
+fn swiglu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32], i: usize) {
+    for ((dx, x), dy) in dinp
+        .chunks_exact_mut(2 * i)
+        .zip(inp.chunks_exact(2 * i))
+        .zip(dout.chunks_exact(i))
+    {
+        let (gate, up) = x.split_at(i);
+        let (dgate, dup) = dx.split_at_mut(i);
+        for k in 0..i {
+            let (g, u) = (gate[k], up[k]);
+            let s = math::sigmoid(g);
+            dgate[k] += dy[k] * u * s * (1.0 + g * (1.0 - s));
+            dup[k] += dy[k] * g * s;
+        }
+    }
 }

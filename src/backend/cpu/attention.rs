@@ -12,9 +12,9 @@
 //! Shapes: `qkv` rows are `[q (NH·HD) | k (KVH·HD) | v (KVH·HD)]`, `B·T` rows batch-major;
 //! `out` and `dout` are `(B·T, NH·HD)`; `lse` is `(B, NH, T)`.
 
-use super::math;
+use super::math::{self, simd_dispatch};
 use super::matmul::{gemm_f32, Mat};
-use super::reduce::{dot, sum};
+use super::reduce::{dot, max, sum};
 use crate::backend::AttnShape;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -90,23 +90,120 @@ fn check(op: &str, s: &AttnShape, qkv: usize, out: usize, lse: usize, mask: usiz
     assert_eq!(mask, n, "{op}: key_mask is not B·T");
 }
 
+/// A tile of keys `j0..j1` that query block `i0..i1` must visit, and whether any of its scores
+/// needs masking.
+#[derive(Clone, Copy)]
+struct KeyTile {
+    j0: usize,
+    j1: usize,
+    /// False when every key of the tile is unpadded and at or before the block's first query:
+    /// then every score is visible and the masking pass is skipped.
+    masked: bool,
+}
+
 /// The key tiles that query block `i0..i1` must visit: causality stops them at `i1`, and a tile
 /// whose keys are all padding is skipped.
-fn key_tiles(i1: usize, mask: &[bool]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    (0..i1)
-        .step_by(TILE)
-        .map(move |j0| (j0, (j0 + TILE).min(i1)))
-        .filter(move |&(j0, j1)| mask[j0..j1].iter().any(|&m| m))
+fn key_tiles(i0: usize, i1: usize, mask: &[bool]) -> impl Iterator<Item = KeyTile> + '_ {
+    (0..i1).step_by(TILE).filter_map(move |j0| {
+        let j1 = (j0 + TILE).min(i1);
+        let keys = &mask[j0..j1];
+        let padded = keys.iter().filter(|&&m| !m).count();
+        (padded < keys.len()).then_some(KeyTile {
+            j0,
+            j1,
+            masked: padded > 0 || j1 - 1 > i0,
+        })
+    })
 }
 
 /// Sets the scores of keys that query `i` may not see to -inf: later keys and padding.
-/// row: the scores of keys `j0..j0 + row.len()`; mask: this sequence's key mask.
+/// row: the scores of keys `j0..j0 + row.len()`; keys: the key mask of those keys.
 #[inline]
-fn mask_row(row: &mut [f32], i: usize, j0: usize, mask: &[bool]) {
-    for (c, s) in row.iter_mut().enumerate() {
-        let j = j0 + c;
-        if j > i || !mask[j] {
+fn mask_row(row: &mut [f32], i: usize, j0: usize, keys: &[bool]) {
+    // Keys after the query form a suffix of the row.
+    let visible = (i + 1).saturating_sub(j0).min(row.len());
+    row[visible..].fill(f32::NEG_INFINITY);
+    for (s, &m) in row[..visible].iter_mut().zip(keys) {
+        if !m {
             *s = f32::NEG_INFINITY;
+        }
+    }
+}
+
+simd_dispatch! {
+    fn online_softmax_simd(
+        scores: &mut [f32],
+        bk: usize,
+        row_max: &mut [f32],
+        row_sum: &mut [f32],
+        acc: &mut [f32],
+        hd: usize,
+    ) = online_softmax;
+}
+
+/// One online-softmax step over a tile of (masked) scores: updates each row's running max and
+/// sum, rescales its accumulator row when the max grows, and leaves `exp(score - max)` in
+/// `scores` for the `P·V` product.
+/// scores: (rows, bk), row_max, row_sum: (rows), acc: (rows, hd).
+#[inline(always)]
+fn online_softmax(
+    scores: &mut [f32],
+    bk: usize,
+    row_max: &mut [f32],
+    row_sum: &mut [f32],
+    acc: &mut [f32],
+    hd: usize,
+) {
+    for (r, row) in scores.chunks_exact_mut(bk).enumerate() {
+        let m_new = row_max[r].max(max(row));
+        if m_new == f32::NEG_INFINITY {
+            // No visible key yet: nothing to add, and exp(-inf - -inf) would be NaN.
+            row.fill(0.0);
+            continue;
+        }
+        for x in row.iter_mut() {
+            *x = math::exp(*x - m_new);
+        }
+        // Rescale what was accumulated under the old max (alpha = 0 the first time, when the
+        // accumulator is still zero).
+        let alpha = math::exp(row_max[r] - m_new);
+        row_sum[r] = row_sum[r] * alpha + sum(row);
+        row_max[r] = m_new;
+        if alpha != 1.0 {
+            for a in &mut acc[r * hd..(r + 1) * hd] {
+                *a *= alpha;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    fn probs_simd(p: &mut [f32], bk: usize, lse: &[f32]) = probs;
+}
+
+/// Turns a tile of (masked) scores into probabilities `exp(s - lse)`, recomputed from the
+/// forward's row log-sum-exp. p: (rows, bk), lse: (rows).
+#[inline(always)]
+fn probs(p: &mut [f32], bk: usize, lse: &[f32]) {
+    for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
+        for x in row.iter_mut() {
+            *x = math::exp(*x - l);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn score_grad_simd(ds: &mut [f32], p: &[f32], bk: usize, d: &[f32], scale: f32) =
+        score_grad;
+}
+
+/// `dS = P ∘ (dP - D)·scale` in place of `dP`: the softmax backward per row, with the score scale
+/// folded in. ds (holding dP), p: (rows, bk), d: (rows) the `rowsum(dO ∘ O)`.
+#[inline(always)]
+fn score_grad(ds: &mut [f32], p: &[f32], bk: usize, d: &[f32], scale: f32) {
+    for ((row, prow), &dr) in ds.chunks_exact_mut(bk).zip(p.chunks_exact(bk)).zip(d) {
+        for (x, &pv) in row.iter_mut().zip(prow) {
+            *x = pv * (*x - dr) * scale;
         }
     }
 }
@@ -153,7 +250,8 @@ pub fn attention_forward(
                 let acc = &mut acc_all[i0 * hd..i1 * hd];
                 row_max[..bq].fill(f32::NEG_INFINITY);
                 row_sum[..bq].fill(0.0);
-                for (j0, j1) in key_tiles(i1, mask) {
+                for tile in key_tiles(i0, i1, mask) {
+                    let (j0, j1) = (tile.j0, tile.j1);
                     let bk = j1 - j0;
                     let sc = &mut scores[..bq * bk];
                     // SAFETY: rows i0..i1 and j0..j1 of sequence b lie inside qkv (i1, j1 <= T,
@@ -173,31 +271,13 @@ pub fn attention_forward(
                             Parallelism::None,
                         )
                     };
-                    for r in 0..bq {
-                        let row = &mut sc[r * bk..(r + 1) * bk];
-                        mask_row(row, i0 + r, j0, mask);
-                        let tile_max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let m_new = row_max[r].max(tile_max);
-                        if m_new == f32::NEG_INFINITY {
-                            // No visible key yet: nothing to add, and exp(-inf - -inf) is NaN.
-                            row.fill(0.0);
-                            continue;
-                        }
-                        for x in row.iter_mut() {
-                            *x = math::exp(*x - m_new);
-                        }
-                        let tile_sum = sum(row);
-                        // Rescale what was accumulated under the old max (alpha = 0 the first
-                        // time, when the accumulator is still zero).
-                        let alpha = math::exp(row_max[r] - m_new);
-                        row_sum[r] = row_sum[r] * alpha + tile_sum;
-                        row_max[r] = m_new;
-                        if alpha != 1.0 {
-                            for a in &mut acc[r * hd..(r + 1) * hd] {
-                                *a *= alpha;
-                            }
+                    if tile.masked {
+                        for r in 0..bq {
+                            let row = &mut sc[r * bk..(r + 1) * bk];
+                            mask_row(row, i0 + r, j0, &mask[j0..j1]);
                         }
                     }
+                    online_softmax_simd(sc, bk, &mut row_max[..bq], &mut row_sum[..bq], acc, hd);
                     // SAFETY: as above; the probabilities are a (bq, bk) block of `scores`.
                     unsafe {
                         gemm_f32(
@@ -308,7 +388,8 @@ pub fn attention_backward(
                         let at = o_off + (i0 + r) * ow;
                         *d = dot(&dout[at..at + hd], &out[at..at + hd]);
                     }
-                    for (j0, j1) in key_tiles(i1, mask) {
+                    for tile in key_tiles(i0, i1, mask) {
+                        let (j0, j1) = (tile.j0, tile.j1);
                         let bk = j1 - j0;
                         let p = &mut p[..bq * bk];
                         let ds = &mut ds[..bq * bk];
@@ -330,15 +411,14 @@ pub fn attention_backward(
                                 Parallelism::None,
                             )
                         };
-                        for r in 0..bq {
-                            let row = &mut p[r * bk..(r + 1) * bk];
-                            mask_row(row, i0 + r, j0, mask);
-                            let l = lse[i0 + r];
-                            for x in row.iter_mut() {
-                                // Masked scores are -inf and give exactly 0.
-                                *x = math::exp(*x - l);
+                        if tile.masked {
+                            for r in 0..bq {
+                                let row = &mut p[r * bk..(r + 1) * bk];
+                                mask_row(row, i0 + r, j0, &mask[j0..j1]);
                             }
                         }
+                        // Masked scores are -inf and give exactly 0.
+                        probs_simd(p, bk, &lse[i0..i1]);
                         // dV[j0..j1] += Pᵀ · dO
                         unsafe {
                             gemm_f32(
@@ -370,15 +450,7 @@ pub fn attention_backward(
                             )
                         };
                         // dS = P ∘ (dP - D), with the score scale folded in for dQ and dK.
-                        for r in 0..bq {
-                            let d = d_row[r];
-                            for (x, &pv) in ds[r * bk..(r + 1) * bk]
-                                .iter_mut()
-                                .zip(&p[r * bk..(r + 1) * bk])
-                            {
-                                *x = pv * (*x - d) * scale;
-                            }
-                        }
+                        score_grad_simd(ds, p, bk, &d_row[..bq], scale);
                         // dQ[i0..i1] += dS · K
                         unsafe {
                             gemm_f32(

@@ -7,28 +7,38 @@
 //! `lse = m + ln s`, `logp = z[target] - lse`, `H = lse - Σ p·z = ln s - t/s`
 //! (the last form, relative to the max, avoids subtracting two numbers of the size of `z`).
 
-use super::math;
-use super::reduce::{sum2_by, sum_by};
+use super::math::{self, simd_dispatch};
+use super::reduce::{max, sum};
 use rayon::prelude::*;
 
-/// Vocabulary entries per chunk: 8 KiB of tempered logits, which stays in L1 between the max
-/// pass and the exp pass over the chunk.
+/// Vocabulary entries per chunk: two 8 KiB stack buffers (tempered logits and their
+/// exponentials) that stay in L1 between the passes over the chunk.
 pub const VOCAB_CHUNK: usize = 2048;
+
+simd_dispatch! {
+    fn row_lse_entropy_simd(row: &[f32], temperature: f32, with_entropy: bool) -> (f32, f32) =
+        row_lse_entropy;
+}
 
 /// The tempered row's log-sum-exp and (if `with_entropy`) its entropy.
 /// row: (V) logits.
+///
+/// Each pass over a chunk is either a plain map (which the compiler vectorises, `math::exp`
+/// included) or a lane-wise sum; a map and a sum fused in one loop would not vectorise.
 #[inline(always)]
 fn row_lse_entropy(row: &[f32], temperature: f32, with_entropy: bool) -> (f32, f32) {
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut t = 0.0f32;
-    let mut buf = [0.0f32; VOCAB_CHUNK];
+    let mut z_buf = [0.0f32; VOCAB_CHUNK];
+    let mut e_buf = [0.0f32; VOCAB_CHUNK];
     for chunk in row.chunks(VOCAB_CHUNK) {
-        let z = &mut buf[..chunk.len()];
+        let z = &mut z_buf[..chunk.len()];
+        let e = &mut e_buf[..chunk.len()];
         for (zi, &x) in z.iter_mut().zip(chunk) {
             *zi = x / temperature;
         }
-        let chunk_max = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let chunk_max = max(z);
         if chunk_max == f32::NEG_INFINITY {
             // Every entry is -inf (a masked-out chunk): it adds nothing.
             continue;
@@ -42,17 +52,17 @@ fn row_lse_entropy(row: &[f32], temperature: f32, with_entropy: bool) -> (f32, f
             }
             m = chunk_max;
         }
+        for (zi, ei) in z.iter_mut().zip(e.iter_mut()) {
+            *zi -= m;
+            *ei = math::exp(*zi);
+        }
+        s += sum(e);
         if with_entropy {
-            let (cs, ct) = sum2_by(z, |zi| {
-                let d = zi - m;
-                let e = math::exp(d);
-                // e = 0 where z = -inf; 0·(-inf) would be NaN.
-                (e, if e > 0.0 { e * d } else { 0.0 })
-            });
-            s += cs;
-            t += ct;
-        } else {
-            s += sum_by(z, |zi| math::exp(zi - m));
+            for (ei, &d) in e.iter_mut().zip(z.iter()) {
+                // e = 0 where z = -inf, and 0·(-inf) would be NaN.
+                *ei = if *ei > 0.0 { *ei * d } else { 0.0 };
+            }
+            t += sum(e);
         }
     }
     let ln_s = s.ln();
@@ -84,7 +94,7 @@ pub fn logprobs_forward(
     let with_entropy = entropy.is_some();
     let rows: Vec<(f32, f32)> = logits
         .par_chunks(v)
-        .map(|row| row_lse_entropy(row, temperature, with_entropy))
+        .map(|row| row_lse_entropy_simd(row, temperature, with_entropy))
         .collect();
     for (r, &(l, _)) in rows.iter().enumerate() {
         lse[r] = l;
@@ -144,37 +154,64 @@ pub fn logprobs_backward(
         .zip(logits.par_chunks(v))
         .enumerate()
         .for_each(|(r, (dz, x))| {
-            let l = lse[r];
-            let dl = dlogp[r];
             let dh = dentropy.map_or(0.0, |d| d[r]);
-            // log p_k, with p_k = 0 (and no NaN) where a logit is -inf.
-            let logp = |xi: f32| xi / temperature - l;
-            let h = if dh != 0.0 {
-                -sum_by(x, |xi| {
-                    let c = logp(xi);
-                    let p = math::exp(c);
-                    if p > 0.0 {
-                        p * c
-                    } else {
-                        0.0
-                    }
-                })
-            } else {
-                0.0
-            };
-            for (d, &xi) in dz.iter_mut().zip(x) {
-                let c = logp(xi);
-                let p = math::exp(c);
-                let g = if p > 0.0 {
-                    p * (dl + dh * (c + h))
-                } else {
-                    0.0
-                };
-                *d -= g / temperature;
-            }
-            let tg = targets[r] as usize;
-            dz[tg] += dl / temperature;
+            row_backward_simd(dz, x, targets[r], lse[r], dlogp[r], dh, temperature)
         });
+}
+
+simd_dispatch! {
+    fn row_backward_simd(
+        dz: &mut [f32],
+        x: &[f32],
+        target: u32,
+        lse: f32,
+        dlogp: f32,
+        dentropy: f32,
+        temperature: f32,
+    ) = row_backward;
+}
+
+/// [`logprobs_backward`] on one row: dz, x: (V).
+#[inline(always)]
+fn row_backward(
+    dz: &mut [f32],
+    x: &[f32],
+    target: u32,
+    lse: f32,
+    dlogp: f32,
+    dentropy: f32,
+    temperature: f32,
+) {
+    let inv_t = 1.0 / temperature;
+    // H = -Σ p·log p, recomputed from lse in chunks (a map, then a lane-wise sum).
+    let h = if dentropy != 0.0 {
+        let mut buf = [0.0f32; VOCAB_CHUNK];
+        let mut acc = 0.0f32;
+        for chunk in x.chunks(VOCAB_CHUNK) {
+            let b = &mut buf[..chunk.len()];
+            for (bi, &xi) in b.iter_mut().zip(chunk) {
+                let c = xi / temperature - lse;
+                let p = math::exp(c);
+                // p = 0 where a logit is -inf, and 0·(-inf) would be NaN.
+                *bi = if p > 0.0 { p * c } else { 0.0 };
+            }
+            acc += sum(b);
+        }
+        -acc
+    } else {
+        0.0
+    };
+    for (d, &xi) in dz.iter_mut().zip(x) {
+        let c = xi / temperature - lse;
+        let p = math::exp(c);
+        let g = if p > 0.0 {
+            p * (dlogp + dentropy * (c + h))
+        } else {
+            0.0
+        };
+        *d -= g * inv_t;
+    }
+    dz[target as usize] += dlogp * inv_t;
 }
 
 /// Panics unless the shapes agree, every target is a vocabulary index and T > 0.

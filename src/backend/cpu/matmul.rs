@@ -4,7 +4,7 @@
 //! so nothing is copied, and backward accumulates straight into the gradient (`dst = dst + A·B`)
 //! as the trait's "backward adds" rule asks.
 
-use super::reduce::{add_partials, ROW_CHUNK};
+use super::reduce::{add_partials, dot, ROW_CHUNK};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -123,10 +123,15 @@ pub fn matmul_forward(
     assert_eq!(out.len(), n * oc, "matmul_forward: out is not N·OC");
     assert_eq!(inp.len(), n * c, "matmul_forward: inp is not N·C");
     assert_eq!(w.len(), oc * c, "matmul_forward: w is not OC·C");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), oc, "matmul_forward: bias is not OC");
+    }
+    if n <= SKINNY_ROWS {
+        return skinny_matmul_forward(out, inp, w, bias, n, c, oc);
+    }
     // The bias goes in first and gemm accumulates onto it: one pass over `out` fewer than
     // adding it afterwards.
     if let Some(bias) = bias {
-        assert_eq!(bias.len(), oc, "matmul_forward: bias is not OC");
         if oc == 0 {
             return;
         }
@@ -152,6 +157,38 @@ pub fn matmul_forward(
             parallelism(n, oc, c),
         )
     }
+}
+
+/// Row counts up to which [`skinny_matmul_forward`] replaces gemm: a decode step's one token per
+/// sequence.
+const SKINNY_ROWS: usize = 16;
+
+/// Output channels per task of the skinny product.
+const SKINNY_OC_CHUNK: usize = 32;
+
+/// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each
+/// weight row is read once and dotted with every input row while it sits in L1. Unlike gemm it
+/// packs nothing, hence allocates nothing: the decode loop relies on that.
+fn skinny_matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+    /// The output's base pointer, shared by tasks that write disjoint columns.
+    struct Out(*mut f32);
+    // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
+    // the parallel loop.
+    unsafe impl Sync for Out {}
+    let dst = Out(out.as_mut_ptr());
+    let dst = &dst;
+    w.par_chunks(SKINNY_OC_CHUNK * c.max(1)).enumerate().for_each(|(chunk, rows)| {
+        for (k, wrow) in rows.chunks_exact(c.max(1)).enumerate() {
+            let o = chunk * SKINNY_OC_CHUNK + k;
+            let b0 = bias.map_or(0.0, |b| b[o]);
+            for r in 0..n {
+                let v = dot(&inp[r * c..(r + 1) * c], wrow) + b0;
+                // SAFETY: r < n and o < oc, so r·oc + o < out.len() (asserted by the caller);
+                // no other task writes channel o.
+                unsafe { *dst.0.add(r * oc + o) = v };
+            }
+        }
+    });
 }
 
 /// `dinp += dout · w` (when `dinp` is given) and `dw += doutᵀ · inp`.

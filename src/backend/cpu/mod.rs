@@ -4,6 +4,7 @@
 
 mod activation;
 mod attention;
+mod decode;
 mod elementwise;
 mod logprob;
 mod loss;

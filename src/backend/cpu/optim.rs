@@ -1,5 +1,6 @@
 //! The optimizer's ops: the squared norm for gradient clipping and the AdamW update.
 
+use super::math::simd_dispatch;
 use super::reduce::ELEM_CHUNK;
 use crate::backend::AdamW;
 use rayon::prelude::*;
@@ -38,11 +39,15 @@ pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h:
     assert!(h.step >= 1, "adamw: step is 1-based");
     let (lr, b1, b2) = (h.lr as f64, h.beta1 as f64, h.beta2 as f64);
     let step = h.step.min(i32::MAX as u64) as i32;
-    let decay = (1.0 - lr * h.weight_decay as f64) as f32;
-    let step_size = (lr / (1.0 - b1.powi(step))) as f32;
-    let bc2_sqrt = (1.0 - b2.powi(step)).sqrt() as f32;
-    let (one_m_b1, b2f, one_m_b2) = ((1.0 - b1) as f32, h.beta2, (1.0 - b2) as f32);
-    let eps = h.eps;
+    let k = AdamKernel {
+        decay: (1.0 - lr * h.weight_decay as f64) as f32,
+        step_size: (lr / (1.0 - b1.powi(step))) as f32,
+        bc2_sqrt: (1.0 - b2.powi(step)).sqrt() as f32,
+        one_m_b1: (1.0 - b1) as f32,
+        b2: h.beta2,
+        one_m_b2: (1.0 - b2) as f32,
+        eps: h.eps,
+    };
     params
         .par_chunks_mut(ELEM_CHUNK)
         .zip(grads.par_chunks(ELEM_CHUNK))
@@ -50,16 +55,36 @@ pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h:
             m.par_chunks_mut(ELEM_CHUNK)
                 .zip(v.par_chunks_mut(ELEM_CHUNK)),
         )
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                let pi = p[i] * decay;
-                let mi = m[i] + one_m_b1 * (gi - m[i]);
-                let vi = b2f * v[i] + one_m_b2 * gi * gi;
-                let denom = vi.sqrt() / bc2_sqrt + eps;
-                p[i] = pi - step_size * (mi / denom);
-                m[i] = mi;
-                v[i] = vi;
-            }
-        });
+        .for_each(|((p, g), (m, v))| adamw_simd(p, g, m, v, k));
+}
+
+/// The f32 scalars of one AdamW step.
+#[derive(Clone, Copy)]
+struct AdamKernel {
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    one_m_b1: f32,
+    b2: f32,
+    one_m_b2: f32,
+    eps: f32,
+}
+
+simd_dispatch! {
+    fn adamw_simd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) =
+        adamw_kernel;
+}
+
+/// [`adamw`] on one chunk.
+#[inline(always)]
+fn adamw_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamKernel) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let pi = *p * k.decay;
+        let mi = *m + k.one_m_b1 * (g - *m);
+        let vi = k.b2 * *v + k.one_m_b2 * g * g;
+        let denom = vi.sqrt() / k.bc2_sqrt + k.eps;
+        *p = pi - k.step_size * (mi / denom);
+        *m = mi;
+        *v = vi;
+    }
 }

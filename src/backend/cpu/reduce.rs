@@ -71,27 +71,24 @@ pub fn sum_by(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     combine(acc) + tail
 }
 
-/// `(Σ f(a[i]).0, Σ f(a[i]).1)`: two sums from one pass, each with [`LANES`] partial sums.
-#[inline(always)]
-pub fn sum2_by(a: &[f32], f: impl Fn(f32) -> (f32, f32)) -> (f32, f32) {
-    let mut acc0 = [0.0f32; LANES];
-    let mut acc1 = [0.0f32; LANES];
+/// `max a[i]` (-inf for an empty slice) with [`LANES`] running maxima; NaNs are skipped (a NaN
+/// still reaches the sums that follow a max).
+#[inline]
+pub fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
     let ca = a.chunks_exact(LANES);
     let ra = ca.remainder();
     for x in ca {
         for l in 0..LANES {
-            let (u, v) = f(x[l]);
-            acc0[l] += u;
-            acc1[l] += v;
+            // A compare-and-select, not f32::max: it maps to one SIMD max instruction.
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
         }
     }
-    let (mut tail0, mut tail1) = (0.0f32, 0.0f32);
-    for &x in ra {
-        let (u, v) = f(x);
-        tail0 += u;
-        tail1 += v;
+    let mut m = f32::NEG_INFINITY;
+    for &x in acc.iter().chain(ra) {
+        m = if x > m { x } else { m };
     }
-    (combine(acc0) + tail0, combine(acc1) + tail1)
+    m
 }
 
 /// Adds the lanes pairwise, in a fixed order.

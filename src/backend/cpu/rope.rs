@@ -10,15 +10,19 @@ use super::reduce::ROW_CHUNK;
 use crate::backend::AttnShape;
 use rayon::prelude::*;
 
+/// Largest `HD/2` supported: the per-row tables live on the stack, because the decode loop
+/// calls RoPE every step and must not allocate.
+const MAX_HALF: usize = 256;
+
 /// `inv_freq[j] = 1 / theta^(2j/HD)` for `j < HD/2`, rounded as transformers computes it
 /// (`1.0 / base ** (arange(0, dim, 2).float() / dim)` in f32).
-fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|j| {
-            let e = (2 * j) as f32 / head_dim as f32;
-            1.0 / (theta as f64).powf(e as f64) as f32
-        })
-        .collect()
+fn inv_freq(head_dim: usize, theta: f32) -> [f32; MAX_HALF] {
+    let mut f = [0.0f32; MAX_HALF];
+    for (j, x) in f.iter_mut().take(head_dim / 2).enumerate() {
+        let e = (2 * j) as f32 / head_dim as f32;
+        *x = 1.0 / (theta as f64).powf(e as f64) as f32;
+    }
+    f
 }
 
 /// Rotates the q and k heads of every row by its position: forward when `sign = 1`, the inverse
@@ -33,6 +37,7 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
         "rope: qkv is not N·qkv_width with N = pos.len()"
     );
     assert!(hd % 2 == 0, "rope: head_dim {hd} must be even");
+    assert!(hd / 2 <= MAX_HALF, "rope: head_dim {hd} above {}", 2 * MAX_HALF);
     if pos.is_empty() || hd == 0 {
         return;
     }
@@ -43,8 +48,7 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
     qkv.par_chunks_mut(w * ROW_CHUNK)
         .zip(pos.par_chunks(ROW_CHUNK))
         .for_each(|(rows, pos)| {
-            let mut cos = vec![0.0f32; half];
-            let mut sin = vec![0.0f32; half];
+            let (mut cos, mut sin) = ([0.0f32; MAX_HALF], [0.0f32; MAX_HALF]);
             for (row, &p) in rows.chunks_exact_mut(w).zip(pos) {
                 for j in 0..half {
                     let angle = p as f32 * freq[j];

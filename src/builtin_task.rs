@@ -7,14 +7,15 @@
 //! minute or two on 2 CPU cores; reversal needs attention to the mirrored position, so a
 //! model that has not learned shows it plainly.
 
-use crate::algo::sft::{argmax, SftArgs};
-use crate::backend::ModelOps;
+use crate::algo::sft::SftArgs;
+use crate::backend::DecodeOps;
 use crate::checkpoint::check_new_run_dir;
 use crate::data::read_jsonl;
 use crate::model::config::BUILTIN;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::write_atomic;
-use crate::model::{Batch, Model, Pad};
+use crate::model::generate::{generate, SamplingConfig};
+use crate::model::Model;
 use crate::rng::Rng;
 use crate::{Error, Result};
 use serde_json::json;
@@ -210,41 +211,24 @@ pub fn eval_pairs(args: &SftArgs) -> Result<Vec<Pair>> {
         .collect()
 }
 
-/// Greedy completion of `prompt`, up to `max_new` tokens or EOS, recomputing the whole prefix
-/// each step (the prompts here are a few tokens long).
-pub fn greedy<B: ModelOps>(
-    be: &B,
-    model: &Model<B>,
-    tok: &Tokenizer,
-    prompt: &str,
-    max_new: usize,
-) -> Result<String> {
-    let mut ids = tok.encode(prompt, true)?;
-    let start = ids.len();
-    let v = model.cfg.vocab_size;
-    for _ in 0..max_new {
-        let batch = Batch::new(std::slice::from_ref(&ids), 0, Pad::Right);
-        let acts = model.forward(be, &batch)?;
-        let logits = be.download(be.all(&model.logits(be, &acts.hidden, batch.n())));
-        let next = argmax(&logits[(ids.len() - 1) * v..]) as u32;
-        if model.cfg.eos_token_ids.contains(&next) {
-            break;
-        }
-        ids.push(next);
-    }
-    tok.decode(&ids[start..], true)
-}
-
 /// Prints a few held-out samples and the exact-match rate over all of them.
-pub fn show_samples<B: ModelOps>(
+pub fn show_samples<B: DecodeOps>(
     be: &B,
     model: &Model<B>,
     tok: &Tokenizer,
     eval: &[Pair],
 ) -> Result<()> {
+    let prompts = eval.iter().map(|(p, _)| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
+    let cfg = SamplingConfig {
+        max_new_tokens: LENGTHS.1 + 2,
+        temperature: 0.0,
+        eos_token_ids: model.cfg.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let completions = generate(be, model, &prompts, &cfg, None, &mut Rng::new(0))?;
     let mut right = 0;
-    for (i, (p, want)) in eval.iter().enumerate() {
-        let got = greedy(be, model, tok, p, LENGTHS.1 + 2)?;
+    for (i, ((p, want), c)) in eval.iter().zip(&completions).enumerate() {
+        let got = tok.decode(&c.tokens, true)?;
         right += (&got == want) as usize;
         if i < 4 {
             println!(

@@ -24,6 +24,10 @@ enum Cmd {
         #[arg(long)]
         input: PathBuf,
     },
+    /// Generate completions with a KV cache, as JSONL (prompt, completion, tokens, logprobs).
+    Generate(rlhf::model::generate::GenerateArgs),
+    /// Supervised fine-tuning (with no --data: a tiny model on a built-in task).
+    Sft(rlhf::algo::sft::SftArgs),
     /// Benchmarks against PyTorch / transformers baselines.
     Bench {
         #[command(subcommand)]
@@ -49,6 +53,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Logprobs { model, input } => logprobs(&model, &input),
+        Cmd::Generate(args) => rlhf::model::generate::run(&args),
+        Cmd::Sft(args) => rlhf::algo::sft::run(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),

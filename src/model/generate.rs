@@ -232,3 +232,107 @@ fn sample_step<B: DecodeOps>(
     }
     Ok(())
 }
+
+/// Arguments of `rlhf generate`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// One prompt (repeat the flag for several).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// JSONL file of `{"prompt": ...}` lines.
+    #[arg(long)]
+    pub prompts: Option<std::path::PathBuf>,
+    /// Write completions here instead of stdout.
+    #[arg(long)]
+    pub output: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample from the smallest set of tokens holding this much probability (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Stop a completion once it contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// EOS ids for generation: `generation_config.json`'s `eos_token_id` (one id or a list) when
+/// present, else the model config's, else the tokenizer's.
+pub fn eos_ids(dir: &std::path::Path, cfg: &super::Config, tok: &Tokenizer) -> Vec<u32> {
+    let from_gen = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| match &v["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            _ => vec![],
+        })
+        .unwrap_or_default();
+    if !from_gen.is_empty() {
+        from_gen
+    } else if !cfg.eos_token_ids.is_empty() {
+        cfg.eos_token_ids.clone()
+    } else {
+        tok.eos_id().into_iter().collect()
+    }
+}
+
+/// Runs `rlhf generate` on the CPU backend: one JSONL line per completion, written as each
+/// batch finishes.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    use crate::backend::cpu::Cpu;
+    use std::io::Write;
+    let be = Cpu;
+    let model = Model::load(&be, &args.model)?;
+    let tok = Tokenizer::load(&args.model)?;
+    let texts: Vec<String> = match &args.prompts {
+        Some(path) => crate::data::read_prompts(path)?.into_iter().map(|p| p.prompt).collect(),
+        None => args.prompt.clone(),
+    };
+    let cfg = SamplingConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        eos_token_ids: eos_ids(&args.model, &model.cfg, &tok),
+        stop_strings: args.stop.clone(),
+    };
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut rng = Rng::new(args.seed);
+    let jobs: Vec<&String> = texts.iter().flat_map(|t| std::iter::repeat_n(t, args.num_samples.max(1))).collect();
+    for chunk in jobs.chunks(args.batch_size.max(1)) {
+        let ids = chunk.iter().map(|t| tok.encode(t, true)).collect::<Result<Vec<_>>>()?;
+        for (text, c) in chunk.iter().zip(generate(&be, &model, &ids, &cfg, Some(&tok), &mut rng)?) {
+            let line = serde_json::json!({
+                "prompt": text,
+                "completion": tok.decode(&c.tokens, true)?,
+                "tokens": c.tokens,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish,
+            });
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

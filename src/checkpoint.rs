@@ -97,6 +97,10 @@ pub struct TrainerState {
     pub config: Value,
     /// The engine version that wrote the checkpoint.
     pub engine: String,
+    /// Trainer-specific state beyond the above (an RL trainer's KL coefficient, its sampling
+    /// RNG, ...); `null` for SFT.
+    #[serde(default)]
+    pub extra: Value,
 }
 
 /// A run directory: its configuration record, metrics, progress display and checkpoints.
@@ -232,6 +236,8 @@ impl Run {
     }
 
     /// Writes `checkpoint-STEP/` atomically and removes checkpoints beyond the kept number.
+    /// The trained model and its optimizer go at the top level (an HF directory); `others`
+    /// (a PPO critic, say) each go into a subdirectory of that name, model and optimizer alike.
     /// Weights that are not all finite are refused: a checkpoint is a good state to resume.
     pub fn checkpoint<B: ModelOps>(
         &self,
@@ -239,8 +245,12 @@ impl Run {
         model: &Model<B>,
         opt: &Optimizer<B>,
         state: &TrainerState,
+        others: &[(&str, &Model<B>, &Optimizer<B>)],
     ) -> Result<PathBuf> {
-        if !be.sum_squares(be.all(&model.params)).is_finite() {
+        let all_finite = std::iter::once(model)
+            .chain(others.iter().map(|o| o.1))
+            .all(|m| be.sum_squares(be.all(&m.params)).is_finite());
+        if !all_finite {
             return Err(self.non_finite("weights", state.step));
         }
         let name = format!("checkpoint-{}", state.step);
@@ -252,6 +262,11 @@ impl Run {
         model.save(be, &tmp, SaveDtype::F32)?;
         copy_tokenizer_files(&self.dir, &tmp)?;
         save_optimizer(be, opt, &tmp.join(OPTIMIZER_FILE))?;
+        for (sub, m, o) in others {
+            let dir = tmp.join(sub);
+            m.save(be, &dir, SaveDtype::F32)?;
+            save_optimizer(be, o, &dir.join(OPTIMIZER_FILE))?;
+        }
         let text =
             serde_json::to_string_pretty(state).expect("the trainer state always serialises");
         write_atomic(&tmp.join(TRAINER_STATE_FILE), text.as_bytes())?;

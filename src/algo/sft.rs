@@ -524,8 +524,9 @@ pub fn train<B: ModelOps>(be: &B, args: &SftArgs) -> Result<SftSummary> {
                 optimizer: ocfg,
                 config: config.clone(),
                 engine: run.engine.clone(),
+                extra: serde_json::Value::Null,
             };
-            run.checkpoint(be, &model, &opt, &state)?;
+            run.checkpoint(be, &model, &opt, &state, &[])?;
         }
     }
     run.save_final(be, &model)?;

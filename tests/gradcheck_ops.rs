@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{check_close, check_grad, weighted_sum, Rng, Tol, Worst};
+use common::{check_close, check_grad, weighted_sum, Rng, RngVec, Tol, Worst};
 use rlhf::backend::cpu::Cpu;
 use rlhf::backend::{AdamW, AttnShape, ModelOps};
 

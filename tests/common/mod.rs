@@ -1,5 +1,5 @@
 //! Shared test helpers: a finite-difference gradient checker, a closeness check for forward
-//! results, and a tiny seeded random source (tests need no `rand` crate).
+//! results, and random test vectors from the engine's seeded generator.
 //!
 //! Gradient checks follow one recipe: pick fixed random weights `r`, define the scalar loss
 //! `L(x) = Σ r·op(x)` (accumulated in f64 by [`weighted_sum`]), get the analytic gradient by
@@ -171,43 +171,22 @@ pub fn check_close(
     }
 }
 
-/// A seeded random source (splitmix64): the same seed gives the same test data everywhere.
-pub struct Rng(u64);
+/// The engine's seeded generator, plus vector helpers for test data.
+pub use rlhf::rng::Rng;
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    /// A uniform integer in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize
-    }
+/// Random test vectors.
+pub trait RngVec {
     /// `n` values uniform in `[lo, hi)`.
-    pub fn vec_uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * self.uniform() as f32)
-            .collect()
-    }
+    fn vec_uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32>;
     /// `n` values normal with mean 0 and standard deviation `std`.
-    pub fn vec_normal(&mut self, n: usize, std: f32) -> Vec<f32> {
+    fn vec_normal(&mut self, n: usize, std: f32) -> Vec<f32>;
+}
+
+impl RngVec for Rng {
+    fn vec_uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * self.uniform() as f32).collect()
+    }
+    fn vec_normal(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| std * self.normal() as f32).collect()
     }
 }

@@ -59,6 +59,19 @@ pub fn engine_version() -> String {
     }
 }
 
+/// A trainer's arguments as the configuration a run records (`run_config.json`, each
+/// checkpoint's trainer state): everything but how this invocation runs (`resume`, `quiet`,
+/// `stop_after_micro_steps`), which is not what the run is.
+pub fn config_record<T: serde::Serialize>(args: &T) -> Value {
+    let mut config = serde_json::to_value(args).expect("trainer arguments always serialise");
+    if let Some(o) = config.as_object_mut() {
+        for k in ["resume", "quiet", "stop_after_micro_steps"] {
+            o.remove(k);
+        }
+    }
+    config
+}
+
 /// The learning-rate schedule: linear warmup to `base`, then cosine decay to zero at `total`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LrSchedule {

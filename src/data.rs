@@ -10,7 +10,7 @@
 //! batches the interrupted one would have.
 
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{Batch, Pad};
+use crate::model::{Batch, Config, Pad};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use serde_json::{Map, Value};
@@ -118,6 +118,111 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptExample>> {
                 line: rec.line,
                 prompt: string_field(path, rec, "prompt")?,
                 answer: optional_string(path, rec, "answer")?,
+            })
+        })
+        .collect()
+}
+
+/// A tokenised prompt for RL training (PPO, GRPO): the text reward sources see, the ids the
+/// policy is prompted with, the reference answer, and the labelled completion (S-GRPO's
+/// supervised target) when the line has one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RlPrompt {
+    /// Source line, for messages.
+    pub line: usize,
+    /// The prompt as the policy sees it (rendered with the chat template when conversational).
+    pub text: String,
+    /// Its token ids.
+    pub ids: Vec<u32>,
+    /// The reference answer, when the line has one.
+    pub answer: Option<String>,
+    /// The labelled completion's token ids (EOS appended to a plain-text one, as [`load_sft`]
+    /// does), when the line has one.
+    pub completion: Option<Vec<u32>>,
+}
+
+/// Reads and tokenises RL prompts: `{"prompt", "answer"?, "completion"?}` lines.
+///
+/// - A string `prompt` is encoded with the tokenizer's special tokens; a string `completion`
+///   without, then EOS is appended, exactly as [`load_sft`] tokenises `{"prompt","completion"}`
+///   (so S-GRPO's supervised term sees what SFT saw).
+/// - A TRL conversational `prompt` (a list of `{"role","content"}` messages) is rendered with
+///   the chat template and `add_generation_prompt`, and encoded without special tokens (the
+///   template writes them); its `completion`, if any, must be a message list too, and is what
+///   the template renders after the prompt (no EOS appended: the template ends the turn).
+///
+/// A prompt that encodes to nothing is an error naming its line; lengths are checked by the
+/// caller, who knows the generation budget.
+pub fn load_rl_prompts(path: &Path, tok: &Tokenizer, eos: u32) -> Result<Vec<RlPrompt>> {
+    let records = read_jsonl(path)?;
+    let mut template = None;
+    records
+        .iter()
+        .map(|rec| {
+            let bad = |msg: String| data_err(path, rec.line, msg);
+            let completion = rec.fields.get("completion").filter(|v| !v.is_null());
+            let (text, ids, completion) = match rec.fields.get("prompt") {
+                Some(Value::Array(_)) => {
+                    if template.is_none() {
+                        template = Some(
+                            ChatTemplate::from_tokenizer(tok).map_err(|e| bad(e.to_string()))?,
+                        );
+                    }
+                    let t = template.as_ref().expect("set just above");
+                    let prompt = &rec.fields["prompt"];
+                    let text = t.render(prompt, true).map_err(|e| bad(e.to_string()))?;
+                    let completion = match completion {
+                        None => None,
+                        Some(Value::Array(c)) => {
+                            let mut conv = prompt.as_array().expect("matched an array").clone();
+                            conv.extend(c.iter().cloned());
+                            let (p, c) = split_chat(t, &Value::Array(conv)).map_err(bad)?;
+                            if p != text {
+                                return Err(bad(
+                                    "\"completion\" must be the assistant's reply that follows \
+                                     the \"prompt\" messages"
+                                        .into(),
+                                ));
+                            }
+                            Some(tok.encode(&c, false)?)
+                        }
+                        Some(v) => {
+                            return Err(bad(format!(
+                                "\"completion\" must be a list of messages when \"prompt\" is \
+                                 one, found {}",
+                                kind(v)
+                            )))
+                        }
+                    };
+                    let ids = tok.encode(&text, false)?;
+                    (text, ids, completion)
+                }
+                _ => {
+                    let text = string_field(path, rec, "prompt")?;
+                    let completion = match completion {
+                        None => None,
+                        Some(_) => {
+                            let mut ids = tok.encode(&string_field(path, rec, "completion")?, false)?;
+                            ids.push(eos);
+                            Some(ids)
+                        }
+                    };
+                    let ids = tok.encode(&text, true)?;
+                    (text, ids, completion)
+                }
+            };
+            if ids.is_empty() {
+                return Err(bad("the prompt encodes to no tokens: nothing to generate from".into()));
+            }
+            if completion.as_ref().is_some_and(Vec::is_empty) {
+                return Err(bad("the completion encodes to no tokens: nothing to learn".into()));
+            }
+            Ok(RlPrompt {
+                line: rec.line,
+                text,
+                ids,
+                answer: optional_string(path, rec, "answer")?,
+                completion,
             })
         })
         .collect()
@@ -482,6 +587,193 @@ pub fn sft_batch(examples: &[SftExample], idx: &[usize], pad_id: u32) -> (Batch,
         weights[r * batch.t..r * batch.t + w.len()].copy_from_slice(w);
     }
     (batch, weights)
+}
+
+/// The token appended to completions (EOS) and the one padding batches: the tokenizer's, else
+/// the model configuration's; without a pad token, EOS pads (GPT-2's convention). Padding is
+/// masked, so its id only has to be in range.
+pub fn special_ids(tok: &Tokenizer, cfg: &Config) -> Result<(u32, u32)> {
+    let eos = tok
+        .eos_id()
+        .or(cfg.eos_token_ids.first().copied())
+        .ok_or_else(|| {
+            Error::Tokenizer(
+                "no EOS token (eos_token in tokenizer_config.json or eos_token_id in config.json)"
+                    .into(),
+            )
+        })?;
+    Ok((eos, tok.pad_id().or(cfg.pad_token_id).unwrap_or(eos)))
+}
+
+/// A tokenised preference pair (reward model, DPO): the prompt followed by each completion,
+/// tokenised as [`load_sft`] tokenises an SFT example, so a model sees the same sequences in
+/// every stage of a pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    /// Line of the source file, for messages about this pair.
+    pub line: usize,
+    /// Prompt tokens, then the chosen completion's.
+    pub chosen: Vec<u32>,
+    /// Prompt tokens, then the rejected completion's.
+    pub rejected: Vec<u32>,
+    /// Number of prompt tokens at the start of both.
+    pub prompt_len: usize,
+    /// The optional `"margin"` field: how far the chosen reward should exceed the rejected one
+    /// in the Bradley-Terry loss (TRL's `margin` column).
+    pub margin: Option<f32>,
+}
+
+/// Reads and tokenises a preference file.
+///
+/// - Standard format `{"prompt", "chosen", "rejected"}` (strings): the prompt is encoded with
+///   the tokenizer's special tokens, each completion without, and EOS is appended to each
+///   completion, as in [`load_sft`] (and as TRL's DPO and reward trainers do).
+/// - Conversational format (TRL's): `"chosen"` and `"rejected"` are message lists, each one
+///   assistant message after an explicit `"prompt"` message list, or whole conversations that
+///   differ only in their last message (implicit prompt). Rendered with the chat template;
+///   the completion is the last message, and no EOS is appended (the template ends the turn).
+/// - `"margin"` (optional): a finite number, see [`PreferencePair::margin`].
+///
+/// A sequence longer than `max_len` is an error, never silently truncated.
+pub fn load_preferences(path: &Path, how: SftTokenizing<'_>) -> Result<Vec<PreferencePair>> {
+    let records = read_jsonl(path)?;
+    let mut template = None;
+    records
+        .iter()
+        .map(|rec| {
+            let bad = |msg: String| data_err(path, rec.line, msg);
+            let present = |name: &str| {
+                rec.fields
+                    .get(name)
+                    .filter(|v| !v.is_null())
+                    .ok_or_else(|| bad(format!("missing \"{name}\"")))
+            };
+            let (chosen, rejected) = (present("chosen")?, present("rejected")?);
+            let (prompt, chosen, rejected) = if chosen.is_string() || rejected.is_string() {
+                let p = string_field(path, rec, "prompt")?;
+                let c = string_field(path, rec, "chosen")?;
+                let r = string_field(path, rec, "rejected")?;
+                let completion = |text: &str| -> Result<Vec<u32>> {
+                    let mut ids = how.tok.encode(text, false)?;
+                    ids.push(how.eos);
+                    Ok(ids)
+                };
+                (how.tok.encode(&p, true)?, completion(&c)?, completion(&r)?)
+            } else {
+                if template.is_none() {
+                    template = Some(
+                        ChatTemplate::from_tokenizer(how.tok).map_err(|e| bad(e.to_string()))?,
+                    );
+                }
+                let t = template.as_ref().expect("set just above");
+                let prompt = rec.fields.get("prompt");
+                let split = |v: &Value, name: &str| {
+                    preference_conversation(prompt, v, name).and_then(|conv| split_chat(t, &conv))
+                };
+                let (pc, c) = split(chosen, "chosen").map_err(bad)?;
+                let (pr, r) = split(rejected, "rejected").map_err(bad)?;
+                if pc != pr {
+                    return Err(bad(
+                        "\"chosen\" and \"rejected\" render different prompts: the two \
+                         conversations must differ only in their last message"
+                            .into(),
+                    ));
+                }
+                (
+                    how.tok.encode(&pc, false)?,
+                    how.tok.encode(&c, false)?,
+                    how.tok.encode(&r, false)?,
+                )
+            };
+            if prompt.is_empty() {
+                return Err(bad(
+                    "the prompt encodes to no tokens: nothing to condition the completions on"
+                        .into(),
+                ));
+            }
+            for (name, c) in [("chosen", &chosen), ("rejected", &rejected)] {
+                if c.is_empty() {
+                    return Err(bad(format!("the {name} completion encodes to no tokens")));
+                }
+                let len = prompt.len() + c.len();
+                if len > how.max_len {
+                    return Err(bad(format!(
+                        "prompt + {name} is {len} tokens, longer than the maximum of {} (the \
+                         model's context, or --max-len)",
+                        how.max_len
+                    )));
+                }
+            }
+            let margin = match rec.fields.get("margin") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_f64() {
+                    Some(m) if (m as f32).is_finite() => Some(m as f32),
+                    _ => return Err(bad(format!("\"margin\" must be a finite number, found {v}"))),
+                },
+            };
+            let row = |completion: Vec<u32>| {
+                let mut ids = prompt.clone();
+                ids.extend(completion);
+                ids
+            };
+            Ok(PreferencePair {
+                line: rec.line,
+                chosen: row(chosen),
+                rejected: row(rejected),
+                prompt_len: prompt.len(),
+                margin,
+            })
+        })
+        .collect()
+}
+
+/// The conversation whose last message is `completion`'s: the explicit `prompt` messages then
+/// the one completion message, or `completion` itself when the prompt is implicit (absent).
+fn preference_conversation(
+    prompt: Option<&Value>,
+    completion: &Value,
+    name: &str,
+) -> std::result::Result<Value, String> {
+    let msgs = completion.as_array().ok_or_else(|| {
+        format!(
+            "\"{name}\" must be a string or a list of messages, found {}",
+            kind(completion)
+        )
+    })?;
+    match prompt {
+        None | Some(Value::Null) => Ok(completion.clone()),
+        Some(Value::Array(p)) if msgs.len() == 1 => {
+            Ok(Value::Array(p.iter().chain(msgs).cloned().collect()))
+        }
+        Some(Value::Array(_)) => Err(format!(
+            "\"{name}\" must hold exactly one (assistant) message after the \"prompt\" messages, \
+             found {}",
+            msgs.len()
+        )),
+        Some(other) => Err(format!(
+            "\"prompt\" must be a list of messages when \"{name}\" is one, found {}",
+            kind(other)
+        )),
+    }
+}
+
+/// The right-padded batch of the pairs `pairs[idx]`, chosen rows first then rejected rows in
+/// the same order (row `k` and row `idx.len() + k` are one pair), and the completion mask:
+/// 1.0 at each position whose next token is a completion token (the convention of
+/// [`SftExample::weights`]), 0.0 elsewhere.
+pub fn preference_batch(pairs: &[PreferencePair], idx: &[usize], pad_id: u32) -> (Batch, Vec<f32>) {
+    let ids: Vec<Vec<u32>> = idx
+        .iter()
+        .map(|&i| pairs[i].chosen.clone())
+        .chain(idx.iter().map(|&i| pairs[i].rejected.clone()))
+        .collect();
+    let batch = Batch::new(&ids, pad_id, Pad::Right);
+    let mut mask = vec![0.0; batch.n()];
+    let prompt_lens = idx.iter().chain(idx).map(|&i| pairs[i].prompt_len);
+    for (r, (row, p)) in ids.iter().zip(prompt_lens).enumerate() {
+        mask[r * batch.t + p - 1..r * batch.t + row.len() - 1].fill(1.0);
+    }
+    (batch, mask)
 }
 
 /// Where a [`Batches`] stream stands: the epoch, how many batches of it were taken, and the

@@ -51,6 +51,11 @@ pub enum Error {
     /// nothing to resume, a configuration that would not resume exactly).
     #[error("{path}: {msg}")]
     Run { path: PathBuf, msg: String },
+    /// A reward source that cannot be built or that failed to score: a bad `--reward` spec,
+    /// a crashed or hung reward command, a reward model that does not fit the policy. The
+    /// message names the source.
+    #[error("{0}")]
+    Reward(String),
 }
 
 /// The library's result type.

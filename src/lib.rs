@@ -13,6 +13,8 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod reward;
 pub mod rng;
+pub mod rollout;
 
 pub use error::{Error, Result};

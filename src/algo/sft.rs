@@ -598,6 +598,28 @@ pub fn initial_model<B: ModelOps>(be: &B, args: &SftArgs, tok: &Tokenizer) -> Re
     Ok(model)
 }
 
+/// The starting model of a fresh run of any trainer, with its tokenizer and the directory the
+/// tokenizer was read from (whose files the run directory copies): `model` is a Hugging Face
+/// directory or a built-in configuration initialised from `seed` (see [`initial_model`]); the
+/// tokenizer is `tokenizer`, else the model directory's.
+pub fn starting_model<B: ModelOps>(
+    be: &B,
+    model: &str,
+    tokenizer: Option<&Path>,
+    seed: u64,
+) -> Result<(Model<B>, Tokenizer, PathBuf)> {
+    let args = SftArgs {
+        model: Some(model.to_string()),
+        tokenizer: tokenizer.map(Path::to_path_buf),
+        seed,
+        ..SftArgs::default()
+    };
+    let dir = tokenizer_dir(&args)?;
+    let tok = Tokenizer::load(&dir)?;
+    let m = initial_model(be, &args, &tok)?;
+    Ok((m, tok, dir))
+}
+
 /// `rlhf sft`: trains on the CPU backend. Without `--data`, trains the built-in task (see
 /// [`builtin_task`]) and prints sample generations before and after.
 pub fn run(args: &SftArgs) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! so nothing is copied, and backward accumulates straight into the gradient (`dst = dst + A·B`)
 //! as the trait's "backward adds" rule asks.
 
+use super::math::simd_dispatch;
 use super::reduce::{add_partials, dot, ROW_CHUNK};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -166,29 +167,87 @@ const SKINNY_ROWS: usize = 16;
 /// Output channels per task of the skinny product.
 const SKINNY_OC_CHUNK: usize = 32;
 
-/// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each
-/// weight row is read once and dotted with every input row while it sits in L1. Unlike gemm it
-/// packs nothing, hence allocates nothing: the decode loop relies on that.
+/// Lanes of each accumulator, and input rows handled together: every weight element loaded goes
+/// into 8 independent sums, so each weight is read from memory once and the adds never wait on
+/// one another.
+const SKINNY_LANES: usize = 16;
+const SKINNY_GROUP: usize = 8;
+
+/// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each weight
+/// row is streamed once and dotted with all input rows (which stay in L1) at the same time.
+/// Unlike gemm it packs nothing, hence allocates nothing: the decode loop relies on that.
 fn skinny_matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
     /// The output's base pointer, shared by tasks that write disjoint columns.
     struct Out(*mut f32);
     // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
     // the parallel loop.
     unsafe impl Sync for Out {}
+    if c == 0 {
+        for r in 0..n {
+            for o in 0..oc {
+                out[r * oc + o] = bias.map_or(0.0, |b| b[o]);
+            }
+        }
+        return;
+    }
     let dst = Out(out.as_mut_ptr());
     let dst = &dst;
-    w.par_chunks(SKINNY_OC_CHUNK * c.max(1)).enumerate().for_each(|(chunk, rows)| {
-        for (k, wrow) in rows.chunks_exact(c.max(1)).enumerate() {
-            let o = chunk * SKINNY_OC_CHUNK + k;
+    w.par_chunks(SKINNY_OC_CHUNK * c).enumerate().for_each(|(chunk, rows)| {
+        for (j, wrow) in rows.chunks_exact(c).enumerate() {
+            let o = chunk * SKINNY_OC_CHUNK + j;
             let b0 = bias.map_or(0.0, |b| b[o]);
-            for r in 0..n {
-                let v = dot(&inp[r * c..(r + 1) * c], wrow) + b0;
-                // SAFETY: r < n and o < oc, so r·oc + o < out.len() (asserted by the caller);
-                // no other task writes channel o.
-                unsafe { *dst.0.add(r * oc + o) = v };
+            for r0 in (0..n).step_by(SKINNY_GROUP) {
+                let g = SKINNY_GROUP.min(n - r0);
+                let mut dots = [0.0f32; SKINNY_GROUP];
+                let x = &inp[r0 * c..(r0 + g) * c];
+                if g == SKINNY_GROUP {
+                    skinny_dots8(&mut dots, wrow, x);
+                } else {
+                    for (r, d) in dots.iter_mut().enumerate().take(g) {
+                        *d = dot(wrow, &x[r * c..(r + 1) * c]);
+                    }
+                }
+                for (r, d) in dots.iter().enumerate().take(g) {
+                    // SAFETY: r0 + r < n and o < oc, so the index is inside `out` (asserted by
+                    // the caller); no other task writes channel o.
+                    unsafe { *dst.0.add((r0 + r) * oc + o) = d + b0 };
+                }
             }
         }
     });
+}
+
+simd_dispatch! {
+    /// `dots[r] = Σ_k wrow[k] · x[r·C + k]` for 8 input rows `x` (8·C) against one weight row.
+    fn skinny_dots8(dots: &mut [f32; SKINNY_GROUP], wrow: &[f32], x: &[f32]) = skinny_dots8_body;
+}
+
+#[inline(always)]
+fn skinny_dots8_body(dots: &mut [f32; SKINNY_GROUP], wrow: &[f32], x: &[f32]) {
+    let c = wrow.len();
+    let whole = c - c % SKINNY_LANES;
+    let mut acc = [[0.0f32; SKINNY_LANES]; SKINNY_GROUP];
+    for k in (0..whole).step_by(SKINNY_LANES) {
+        let wk: &[f32; SKINNY_LANES] = wrow[k..k + SKINNY_LANES].try_into().expect("lane block");
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xk: &[f32; SKINNY_LANES] = x[r * c + k..r * c + k + SKINNY_LANES].try_into().expect("lane block");
+            for l in 0..SKINNY_LANES {
+                a[l] += wk[l] * xk[l];
+            }
+        }
+    }
+    for (r, d) in dots.iter_mut().enumerate() {
+        // Fixed pairwise combination of the lanes, then the tail in order.
+        let mut lanes = acc[r];
+        let mut width = SKINNY_LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+            width /= 2;
+        }
+        *d = lanes[0] + (whole..c).map(|k| wrow[k] * x[r * c + k]).sum::<f32>();
+    }
 }
 
 /// `dinp += dout · w` (when `dinp` is given) and `dw += doutᵀ · inp`.

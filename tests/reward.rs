@@ -70,7 +70,10 @@ fn exact_match_custom_regex() {
     let inputs = [
         input("<answer>Paris</answer>", Some("Paris")),
         input("<answer> Paris </answer>", Some("Paris")),
-        input("<answer>Lyon</answer> then <answer>Paris</answer>", Some("Paris")),
+        input(
+            "<answer>Lyon</answer> then <answer>Paris</answer>",
+            Some("Paris"),
+        ),
         input("Paris", Some("Paris")),
         input("<answer>0.50</answer>", Some(".5")),
     ];
@@ -138,7 +141,10 @@ fn length_penalty() {
         // Characters, not bytes: 12 two-byte characters are 12 characters.
         input(&accented, None),
     ];
-    assert_eq!(scores(src.as_mut(), &inputs), vec![0.0, 0.0, -0.5, -2.0, -0.2]);
+    assert_eq!(
+        scores(src.as_mut(), &inputs),
+        vec![0.0, 0.0, -0.5, -2.0, -0.2]
+    );
     for bad in ["length=0", "length=abc", "length=-3", "length"] {
         let err = spec_error(&[bad]);
         assert!(err.contains(bad), "{err}");
@@ -147,9 +153,9 @@ fn length_penalty() {
 
 #[test]
 fn weighted_sum() {
-    let mut src = source(&["exact_match", "0.5*format=^Answer:", "-2*length=10"]);
+    let mut src = source(&["exact_match", "0.5*format=^Answer:", "2*length=10"]);
     let desc = src.describe();
-    assert_eq!(desc, "1*exact_match + 0.5*format=^Answer: + -2*length=10");
+    assert_eq!(desc, "1*exact_match + 0.5*format=^Answer: + 2*length=10");
     let inputs = [
         input("Answer: 42", Some("42")),
         input("Answer: 41", Some("42")),
@@ -280,7 +286,10 @@ fn command_timeout_from_env() {
     // The only test that touches this variable, so parallel tests do not race on it.
     let env = rlhf::reward::COMMAND_TIMEOUT_ENV;
     std::env::remove_var(env);
-    assert_eq!(source(&["command=cat"]).describe(), "command=cat (timeout 60s)");
+    assert_eq!(
+        source(&["command=cat"]).describe(),
+        "command=cat (timeout 60s)"
+    );
     std::env::set_var(env, "0.5");
     let mut src = source(&["command=sleep 3"]);
     assert_eq!(src.describe(), "command=sleep 3 (timeout 0.5s)");
@@ -310,7 +319,10 @@ fn reward_model_scores_at_the_last_token() {
     assert_eq!(rm.describe(), format!("model={}", tmp.path().display()));
     let texts = [
         ("What is 2 + 3?", "5"),
-        ("Name a colour.", "Blue, like the sky on a clear summer day."),
+        (
+            "Name a colour.",
+            "Blue, like the sky on a clear summer day.",
+        ),
         ("Hi", ""),
     ];
     let inputs: Vec<_> = texts
@@ -338,7 +350,10 @@ fn reward_model_scores_at_the_last_token() {
         let direct = values[ids.len() - 1];
 
         let alone = rm.score(&inputs[i..i + 1]).unwrap()[0];
-        assert_eq!(alone, direct, "input {i}: the source and a direct forward differ");
+        assert_eq!(
+            alone, direct,
+            "input {i}: the source and a direct forward differ"
+        );
         assert_eq!(
             score_ids(&Cpu, rm.model(), &[ids], rm.pad_id()).unwrap()[0],
             direct
@@ -387,10 +402,13 @@ fn mismatched_tokenizers_are_an_error() {
     // One more token.
     let bigger_dir = tempfile::tempdir().unwrap();
     edited_tokenizer(bigger_dir.path(), |v| {
-        v["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
-            "id": 512, "content": "<|extra|>", "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true
-        }));
+        v["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 512, "content": "<|extra|>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
     });
     let bigger = Tokenizer::load(bigger_dir.path()).unwrap();
     let err = from_specs(&spec, Some(&bigger)).err().unwrap().to_string();

@@ -6,6 +6,7 @@ use super::rules::preview;
 use super::{RewardInput, RewardSource};
 use crate::backend::cpu::Cpu;
 use crate::backend::ModelOps;
+use crate::data;
 use crate::model::config::Head;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Config, Model, Pad};
@@ -61,17 +62,9 @@ impl RewardModel {
         if let Some(policy) = policy_tokenizer {
             check_same_tokenizer(policy, &tok)?;
         }
-        let eos = tok
-            .eos_id()
-            .or(cfg.eos_token_ids.first().copied())
-            .ok_or_else(|| {
-                Error::Reward(format!(
-                    "{}: no EOS token (eos_token in tokenizer_config.json or eos_token_id in \
-                     config.json): the reward is read at the EOS that ends each completion",
-                    dir.display()
-                ))
-            })?;
-        let pad = tok.pad_id().or(cfg.pad_token_id).unwrap_or(eos);
+        // The EOS ends every scored row, as it ended every training row.
+        let (eos, pad) = data::special_ids(&tok, &cfg)
+            .map_err(|e| Error::Reward(format!("{}: {e}", dir.display())))?;
         let model = Model::load(&Cpu, dir)?;
         Ok(RewardModel {
             model,

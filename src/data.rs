@@ -202,7 +202,8 @@ pub fn load_rl_prompts(path: &Path, tok: &Tokenizer, eos: u32) -> Result<Vec<RlP
                     let completion = match completion {
                         None => None,
                         Some(_) => {
-                            let mut ids = tok.encode(&string_field(path, rec, "completion")?, false)?;
+                            let mut ids =
+                                tok.encode(&string_field(path, rec, "completion")?, false)?;
                             ids.push(eos);
                             Some(ids)
                         }
@@ -212,10 +213,14 @@ pub fn load_rl_prompts(path: &Path, tok: &Tokenizer, eos: u32) -> Result<Vec<RlP
                 }
             };
             if ids.is_empty() {
-                return Err(bad("the prompt encodes to no tokens: nothing to generate from".into()));
+                return Err(bad(
+                    "the prompt encodes to no tokens: nothing to generate from".into(),
+                ));
             }
             if completion.as_ref().is_some_and(Vec::is_empty) {
-                return Err(bad("the completion encodes to no tokens: nothing to learn".into()));
+                return Err(bad(
+                    "the completion encodes to no tokens: nothing to learn".into()
+                ));
             }
             Ok(RlPrompt {
                 line: rec.line,
@@ -708,7 +713,11 @@ pub fn load_preferences(path: &Path, how: SftTokenizing<'_>) -> Result<Vec<Prefe
                 None | Some(Value::Null) => None,
                 Some(v) => match v.as_f64() {
                     Some(m) if (m as f32).is_finite() => Some(m as f32),
-                    _ => return Err(bad(format!("\"margin\" must be a finite number, found {v}"))),
+                    _ => {
+                        return Err(bad(format!(
+                            "\"margin\" must be a finite number, found {v}"
+                        )))
+                    }
                 },
             };
             let row = |completion: Vec<u32>| {

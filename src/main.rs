@@ -28,6 +28,10 @@ enum Cmd {
     Generate(rlhf::model::generate::GenerateArgs),
     /// Supervised fine-tuning (with no --data: a tiny model on a built-in task).
     Sft(rlhf::algo::sft::SftArgs),
+    /// Train a reward model (Bradley-Terry on preference pairs).
+    Rm(rlhf::algo::reward::RmArgs),
+    /// Direct preference optimisation on preference pairs.
+    Dpo(rlhf::algo::dpo::DpoArgs),
     /// Benchmarks against PyTorch / transformers baselines.
     Bench {
         #[command(subcommand)]
@@ -55,6 +59,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logprobs { model, input } => logprobs(&model, &input),
         Cmd::Generate(args) => rlhf::model::generate::run(&args),
         Cmd::Sft(args) => rlhf::algo::sft::run(&args),
+        Cmd::Rm(args) => rlhf::algo::reward::run(&args),
+        Cmd::Dpo(args) => rlhf::algo::dpo::run(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),

@@ -17,6 +17,7 @@ use crate::checkpoint::{self, LrSchedule, Run, RunOptions, TrainerState};
 use crate::data::{self, Batches, PreferencePair, SftTokenizing};
 use crate::model::config::Head;
 use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::Activations;
 use crate::model::weights::copy_tokenizer_files;
 use crate::model::{Batch, Config, Layout, Model};
 use crate::optim::{grad_norm, OptimConfig, Optimizer};
@@ -47,7 +48,8 @@ pub struct RmArgs {
     /// Run directory (checkpoints, metrics, final model) [default: runs/rm-<unix time>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Passes over the training data (ignored with --max-steps).
+    /// Passes over the training data (ignored with --max-steps). One by default: reward models
+    /// overfit after one epoch (InstructGPT trains one).
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
     /// Optimizer steps to take, overriding --epochs.
@@ -232,7 +234,7 @@ pub fn rewards<B: ModelOps>(
     be: &B,
     model: &Model<B>,
     batch: &Batch,
-) -> Result<(crate::model::transformer::Activations<B>, Vec<usize>, Vec<f32>)> {
+) -> Result<(Activations<B>, Vec<usize>, Vec<f32>)> {
     let acts = model.forward(be, batch)?;
     let values = be.download(be.all(&model.values(be, &acts.hidden, batch.n())?));
     let last: Vec<usize> = (0..batch.b)
@@ -304,7 +306,11 @@ pub fn bt_stats<B: ModelOps + LossOps>(
 
 /// The margins of `pairs[idx]` when the data has any (a pair without one gets 0).
 fn batch_margins(pairs: &[PreferencePair], idx: &[usize], use_margin: bool) -> Option<Vec<f32>> {
-    use_margin.then(|| idx.iter().map(|&i| pairs[i].margin.unwrap_or(0.0)).collect())
+    use_margin.then(|| {
+        idx.iter()
+            .map(|&i| pairs[i].margin.unwrap_or(0.0))
+            .collect()
+    })
 }
 
 /// The Bradley-Terry loss and preference accuracy of a whole preference set, in file order.
@@ -338,11 +344,13 @@ pub struct RmSummary {
     pub total_steps: u64,
     /// Stopped early by `stop_after_micro_steps` (nothing saved after the last checkpoint).
     pub interrupted: bool,
-    /// The last step's training loss and preference accuracy.
+    /// The last step's training loss.
     pub last_loss: Option<f64>,
+    /// The last step's preference accuracy.
     pub last_accuracy: Option<f64>,
-    /// The last evaluation's loss and preference accuracy.
+    /// The last evaluation's loss.
     pub last_eval_loss: Option<f64>,
+    /// The last evaluation's preference accuracy: the share of held-out pairs ranked right.
     pub last_eval_accuracy: Option<f64>,
 }
 
@@ -356,9 +364,8 @@ fn data_seed(seed: u64) -> u64 {
 /// `stop_after_micro_steps`; a non-finite loss or gradient is [`Error::NonFinite`], raised
 /// before the bad update, with the checkpoints kept.
 pub fn train<B: ModelOps + LossOps>(be: &B, args: &RmArgs) -> Result<RmSummary> {
-    let need = |x: Option<PathBuf>, what: &str| {
-        x.ok_or_else(|| Error::Invalid(format!("rm: no {what}")))
-    };
+    let need =
+        |x: Option<PathBuf>, what: &str| x.ok_or_else(|| Error::Invalid(format!("rm: no {what}")));
     let out = need(args.out.clone(), "output directory (--out)")?;
     let data_path = need(args.data.clone(), "training data (--data)")?;
     let model_name = args
@@ -610,7 +617,10 @@ pub fn run(args: &RmArgs) -> anyhow::Result<()> {
         args.out = Some(PathBuf::from(format!("runs/rm-{secs}")));
     }
     anyhow::ensure!(args.model.is_some(), "rm needs --model (a model directory)");
-    anyhow::ensure!(args.data.is_some(), "rm needs --data (preference pairs, JSONL)");
+    anyhow::ensure!(
+        args.data.is_some(),
+        "rm needs --data (preference pairs, JSONL)"
+    );
     let s = train(&be, &args)?;
     let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
     if s.interrupted {

@@ -113,3 +113,38 @@ fn bad_input_files_are_reported() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
 }
+
+/// Trainers: a preference file missing `rejected`, an SFT file missing `completion`, a malformed
+/// line: each names its file and line, and the process exits non-zero.
+#[test]
+fn trainers_name_the_bad_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefs = tmp.path().join("prefs.jsonl");
+    std::fs::write(
+        &prefs,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n",
+    )
+    .unwrap();
+    let sft = tmp.path().join("sft.jsonl");
+    std::fs::write(&sft, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"\n").unwrap();
+    let cases = [
+        ("rm", &prefs, "prefs.jsonl:2: missing \"rejected\""),
+        ("dpo", &prefs, "prefs.jsonl:2: missing \"rejected\""),
+        ("sft", &sft, "sft.jsonl:2:"),
+    ];
+    for (cmd, data, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args([cmd, "--model"])
+            .arg(fixture("gpt2"))
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(tmp.path().join(format!("run-{cmd}")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} accepted a bad file");
+        assert!(err.contains(want), "{cmd}: {err}");
+        assert!(!err.contains("panicked"), "{cmd} panicked: {err}");
+    }
+}

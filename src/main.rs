@@ -32,6 +32,8 @@ enum Cmd {
     Rm(rlhf::algo::reward::RmArgs),
     /// Direct preference optimisation on preference pairs.
     Dpo(rlhf::algo::dpo::DpoArgs),
+    /// GRPO: group-normalised advantages over G samples per prompt (also RLOO, REINFORCE++, S-GRPO).
+    Grpo(rlhf::algo::grpo::GrpoArgs),
     /// Benchmarks against PyTorch / transformers baselines.
     Bench {
         #[command(subcommand)]
@@ -61,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Sft(args) => rlhf::algo::sft::run(&args),
         Cmd::Rm(args) => rlhf::algo::reward::run(&args),
         Cmd::Dpo(args) => rlhf::algo::dpo::run(&args),
+        Cmd::Grpo(args) => rlhf::algo::grpo::run(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),

@@ -4,15 +4,15 @@
 //! values), aligned with the training forward's next-token positions.
 //!
 //! Alignment: row `i` is `prompt_i ++ completion_i`, right-padded to `T`. Position `j` of a
-//! row predicts token `j + 1` (the convention of [`shifted_targets`]), so every per-token
-//! vector here is nonzero exactly where `completion_mask` is 1: at positions
-//! `p_len - 1 .. p_len + c_len - 1`. The sampling log-probs recorded by
+//! row predicts token `j + 1` (the convention of [`shifted_targets`]), so the completion's
+//! positions are `p_len - 1 .. p_len + c_len - 1`, where `completion_mask` is 1; every
+//! per-token vector is 0 elsewhere. The sampling log-probs recorded by
 //! [`generate`] are those the training forward computes at the same positions (same weights,
 //! same temperature), so an on-policy first step sees a ratio of 1.
 
 use crate::algo::sft::HEAD_CHUNK;
-use crate::backend::{DecodeOps, ModelOps};
 use crate::backend::loss::Rows;
+use crate::backend::{DecodeOps, ModelOps};
 use crate::model::generate::{generate, Completion, Finish, SamplingConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::shifted_targets;
@@ -38,8 +38,11 @@ pub struct RolloutConfig {
 /// sees), and the reference answer rule rewards compare against.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RolloutPrompt {
+    /// The prompt as text (rendered with the chat template when conversational).
     pub text: String,
+    /// Its token ids.
     pub ids: Vec<u32>,
+    /// The reference answer, for rule rewards.
     pub answer: Option<String>,
 }
 
@@ -127,6 +130,23 @@ impl Rollout {
         }
     }
 
+    /// Tokens of row `r` (prompt and completion).
+    fn row_len(&self, r: usize) -> usize {
+        self.prompt_len[r] + self.completions[r].tokens.len()
+    }
+
+    /// A per-token vector of this rollout (`B·T`, such as per-token advantages) laid out as
+    /// [`Rollout::select`] lays out the same rows: width the longest of them.
+    pub fn take_tokens(&self, v: &[f32], rows: &[usize]) -> Vec<f32> {
+        let t_old = self.batch.t;
+        let t = rows.iter().map(|&r| self.row_len(r)).max().unwrap_or(0);
+        let mut out = vec![0.0; rows.len() * t];
+        for (k, &r) in rows.iter().enumerate() {
+            out[k * t..(k + 1) * t].copy_from_slice(&v[r * t_old..r * t_old + t]);
+        }
+        out
+    }
+
     /// Completion tokens of the whole rollout (the mask sum).
     pub fn completion_tokens(&self) -> usize {
         self.completions.iter().map(|c| c.tokens.len()).sum()
@@ -148,20 +168,10 @@ impl Rollout {
         let t_old = self.batch.t;
         let ids: Vec<Vec<u32>> = rows
             .iter()
-            .map(|&r| {
-                let n = self.prompt_len[r] + self.completions[r].tokens.len();
-                self.batch.ids[r * t_old..r * t_old + n].to_vec()
-            })
+            .map(|&r| self.batch.ids[r * t_old..r * t_old + self.row_len(r)].to_vec())
             .collect();
         let batch = Batch::new(&ids, self.pad_id, Pad::Right);
-        let t = batch.t;
-        let take = |v: &[f32]| -> Vec<f32> {
-            let mut out = vec![0.0; rows.len() * t];
-            for (k, &r) in rows.iter().enumerate() {
-                out[k * t..(k + 1) * t].copy_from_slice(&v[r * t_old..r * t_old + t]);
-            }
-            out
-        };
+        let take = |v: &[f32]| self.take_tokens(v, rows);
         let pick = |v: &[usize]| rows.iter().map(|&r| v[r]).collect::<Vec<_>>();
         Rollout {
             targets: shifted_targets(&batch),
@@ -375,6 +385,7 @@ pub fn sequence_logprobs<B: ModelOps>(
     temperature: f32,
 ) -> Result<Vec<f32>> {
     let acts = model.forward(be, batch)?;
-    let (logp, _) = model.head_logprobs(be, &acts.hidden, targets, temperature, false, HEAD_CHUNK)?;
+    let (logp, _) =
+        model.head_logprobs(be, &acts.hidden, targets, temperature, false, HEAD_CHUNK)?;
     Ok(logp)
 }

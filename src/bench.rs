@@ -348,3 +348,215 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Arguments of `rlhf bench grpo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GrpoBenchArgs {
+    /// Built-in configurations to run (vocabulary 512, as the fixtures).
+    #[arg(long, value_delimiter = ',', default_value = "llama-tiny,gpt2-6l-384")]
+    pub configs: Vec<String>,
+    /// KL coefficients to run (0 loads no reference model).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.04")]
+    pub betas: Vec<f32>,
+    /// Prompts per iteration.
+    #[arg(long, default_value_t = 2)]
+    pub prompts: usize,
+    /// Generations per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub generations: usize,
+    /// Longest completion.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Timed iterations per side (after one warm-up iteration).
+    #[arg(long, default_value_t = 4)]
+    pub iterations: usize,
+    /// Python interpreter with torch, transformers and trl installed.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Skip the TRL side.
+    #[arg(long)]
+    pub no_trl: bool,
+    /// Internal: run one engine case in this directory and print its figures as JSON.
+    #[arg(long, hide = true)]
+    pub engine_case: Option<PathBuf>,
+}
+
+/// A word-level tokenizer with `v` tokens (specials, letters, then filler tokens), so that a
+/// random model's vocabulary and its tokenizer's agree and EOS is as rare as any other token.
+fn bench_tokenizer(dir: &std::path::Path, v: usize) -> Result<()> {
+    use serde_json::json;
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<|endoftext|>", "<|pad|>", "<|unk|>"];
+    let letters = "abcdefghijklmnopqrstuvwxyz=".chars().map(String::from);
+    let filler = (0..).map(|i| format!("<t{i}>"));
+    for (i, t) in specials.iter().map(|s| s.to_string()).chain(letters).chain(filler).take(v).enumerate() {
+        vocab.insert(t, json!(i));
+    }
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(id, s)| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": false},
+        "post_processor": null, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|unk|>"},
+    });
+    let config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>", "model_max_length": 256});
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string(&config)?)?;
+    Ok(())
+}
+
+/// The benchmark's reward: the number of `a`s in the completion (the TRL side uses the same).
+struct CountA;
+
+impl crate::reward::RewardSource for CountA {
+    fn describe(&self) -> String {
+        "count of 'a'".into()
+    }
+    fn score(&mut self, inputs: &[crate::reward::RewardInput<'_>]) -> crate::Result<Vec<f32>> {
+        Ok(inputs.iter().map(|i| i.completion.matches('a').count() as f32).collect())
+    }
+}
+
+/// Resident memory of this process now, in MiB (`/proc/self/statm`; 0 where unavailable).
+fn current_rss_mb() -> f64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    pages * page / (1024.0 * 1024.0)
+}
+
+/// One engine case of `rlhf bench grpo`, run in a child process of its own so that its peak
+/// memory is its own: GRPO on `config` with `beta`; prints the per-phase means as JSON.
+fn grpo_engine_case(args: &GrpoBenchArgs, beta: f32, dir: &std::path::Path) -> Result<serde_json::Value> {
+    use crate::algo::grpo::{train as grpo_train, GrpoArgs};
+    let idle = current_rss_mb();
+    let be = Cpu;
+    let model_dir = dir.join("model");
+    let prompts: String = (0..args.prompts * (args.iterations + 1))
+        .map(|i| format!("{}\n", serde_json::json!({"prompt": &"abcdefgh"[..3 + i % 5]})))
+        .collect();
+    let data = dir.join("prompts.jsonl");
+    std::fs::write(&data, prompts)?;
+    let gargs = GrpoArgs {
+        model: Some(model_dir),
+        data: Some(data),
+        out: Some(dir.join(format!("run-{beta}"))),
+        num_generations: args.generations,
+        prompts_per_step: args.prompts,
+        steps: Some(args.iterations + 1),
+        max_new_tokens: args.max_new_tokens,
+        beta,
+        lr: 1e-5,
+        save_every: 0,
+        quiet: true,
+        ..GrpoArgs::default()
+    };
+    grpo_train(&be, &gargs, &mut CountA)?;
+    // Per-step metrics, the warm-up step left out.
+    let text = std::fs::read_to_string(dir.join(format!("run-{beta}/metrics.jsonl")))?;
+    let steps: Vec<serde_json::Value> = text.lines().skip(1).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mean = |k: &str| steps.iter().filter_map(|s| s[k].as_f64()).sum::<f64>() / steps.len().max(1) as f64;
+    Ok(serde_json::json!({
+        "generate_s": mean("time/generate_s"),
+        "reward_s": mean("time/reward_s"),
+        "reference_s": mean("time/reference_s"),
+        "train_s": mean("time/train_s"),
+        "rollout_tokens_per_s": mean("rollout_tokens_per_s"),
+        "train_tokens_per_s": mean("train_tokens_per_s"),
+        "peak_rss_growth_mb": peak_rss_mb() - idle,
+    }))
+}
+
+/// Runs `rlhf bench grpo`.
+pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
+    if let Some(dir) = &args.engine_case {
+        let v = grpo_engine_case(args, args.betas[0], dir)?;
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "GRPO iteration: {} prompts x {} generations, up to {} new tokens; rollout, reward, reference pass, one optimizer step",
+        args.prompts, args.generations, args.max_new_tokens
+    );
+    println!(
+        "{:<12} {:>5} {:>11} {:>11} {:>7} {:>13} {:>12} {:>26} {:>10} {:>10}",
+        "config", "beta", "engine s/it", "trl s/it", "ratio", "rollout tok/s", "train tok/s", "gen/reward/ref/train %", "engine MiB", "trl MiB"
+    );
+    let be = Cpu;
+    for name in &args.configs {
+        for &beta in &args.betas {
+            let cfg = Config::builtin(name, 512)?;
+            let layout = Layout::new(&cfg);
+            let dir = tempdir_for(&format!("grpo-{name}-{beta}"))?;
+            let model_dir = dir.join("model");
+            let model = Model::new(&be, cfg.clone(), &random_params(&layout, 0.02, 0))?;
+            model.save(&be, &model_dir, crate::model::weights::SaveDtype::F32)?;
+            bench_tokenizer(&model_dir, cfg.vocab_size)?;
+            let me = std::env::current_exe()?;
+            let out = Command::new(me)
+                .args(["bench", "grpo", "--configs", name, "--betas", &beta.to_string()])
+                .args(["--prompts", &args.prompts.to_string(), "--generations", &args.generations.to_string()])
+                .args(["--max-new-tokens", &args.max_new_tokens.to_string(), "--iterations", &args.iterations.to_string()])
+                .arg("--engine-case")
+                .arg(&dir)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "engine case failed: {}", String::from_utf8_lossy(&out.stderr));
+            let e: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let phases = ["generate_s", "reward_s", "reference_s", "train_s"].map(|k| e[k].as_f64().unwrap_or(0.0));
+            let ours: f64 = phases.iter().sum();
+            let share = phases.iter().map(|p| format!("{:.0}", 100.0 * p / ours)).collect::<Vec<_>>().join("/");
+            let trl = if args.no_trl {
+                None
+            } else {
+                Some(run_python(
+                    &args.python,
+                    "trl_grpo.py",
+                    &[
+                        "--model-dir".into(),
+                        model_dir.display().to_string(),
+                        "--prompts".into(),
+                        args.prompts.to_string(),
+                        "--generations".into(),
+                        args.generations.to_string(),
+                        "--max-new-tokens".into(),
+                        args.max_new_tokens.to_string(),
+                        "--beta".into(),
+                        beta.to_string(),
+                        "--iterations".into(),
+                        args.iterations.to_string(),
+                    ],
+                )?)
+            };
+            let (t_it, ratio, t_mem) = match &trl {
+                Some(v) => {
+                    let it = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
+                    (format!("{it:.3}"), format!("{:.1}x", it / ours), format!("{:.0}", v["peak_rss_growth_mb"].as_f64().unwrap_or(f64::NAN)))
+                }
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "{:<12} {:>5} {:>11.3} {:>11} {:>7} {:>13.0} {:>12.0} {:>26} {:>10.0} {:>10}",
+                name,
+                beta,
+                ours,
+                t_it,
+                ratio,
+                e["rollout_tokens_per_s"].as_f64().unwrap_or(0.0),
+                e["train_tokens_per_s"].as_f64().unwrap_or(0.0),
+                share,
+                e["peak_rss_growth_mb"].as_f64().unwrap_or(0.0),
+                t_mem
+            );
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+    Ok(())
+}

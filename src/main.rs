@@ -47,6 +47,8 @@ enum BenchCmd {
     Train(rlhf::bench::TrainArgs),
     /// Batched KV-cache generation against transformers' `generate` on the CPU.
     Generate(rlhf::bench::GenerateArgs),
+    /// A GRPO iteration (rollout, reward, reference pass, optimizer step) against TRL's GRPOTrainer.
+    Grpo(rlhf::bench::GrpoBenchArgs),
 }
 
 fn main() {
@@ -67,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),
+            BenchCmd::Grpo(args) => rlhf::bench::grpo(&args),
         },
     }
 }

@@ -674,6 +674,7 @@ pub fn train<B: DecodeOps + LossOps>(
         values.extend([
             ("learning_rate", lr_now as f64),
             ("train_tokens_per_s", tokens as f64 / elapsed.max(1e-9)),
+            ("time/train_s", elapsed),
         ]);
         summary.last_reward = values.iter().find(|v| v.0 == "reward").map(|v| v.1);
         summary.last_kl = (reference.is_some() && filled > 0).then(|| sums.mean(sums.kl));
@@ -773,6 +774,9 @@ fn prepare<B: LossOps>(
         ("completions/mean_length", roll.mean_length()),
         ("completions/clipped_ratio", roll.clipped_ratio()),
         ("rollout_tokens_per_s", roll.timing.tokens_per_s()),
+        ("time/generate_s", roll.timing.generate_s),
+        ("time/reward_s", roll.timing.reward_s),
+        ("time/reference_s", roll.timing.reference_s),
     ];
 
     let mut roll = if args.dynamic_sampling {

@@ -34,6 +34,8 @@ enum Cmd {
     Dpo(rlhf::algo::dpo::DpoArgs),
     /// GRPO: group-normalised advantages over G samples per prompt (also RLOO, REINFORCE++, S-GRPO).
     Grpo(rlhf::algo::grpo::GrpoArgs),
+    /// PPO: policy, frozen reference, reward source and critic; KL-shaped rewards, GAE, clipped losses.
+    Ppo(rlhf::algo::ppo::PpoArgs),
     /// Benchmarks against PyTorch / transformers baselines.
     Bench {
         #[command(subcommand)]
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Rm(args) => rlhf::algo::reward::run(&args),
         Cmd::Dpo(args) => rlhf::algo::dpo::run(&args),
         Cmd::Grpo(args) => rlhf::algo::grpo::run(&args),
+        Cmd::Ppo(args) => rlhf::algo::ppo::run(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),

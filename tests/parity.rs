@@ -61,11 +61,13 @@ fn check_family(name: &str) {
     let d = max_abs_diff(&lp, &r.logprobs);
     assert!(d < TOL, "{name}: log-probs differ from transformers by {d}");
 
-    // Chunking the LM head over rows must not change anything: one row at a time.
+    // Chunking the LM head over rows changes nothing but the summation order (a chunk of a few
+    // rows takes the skinny matmul, a large one gemm): agreement to a few f32 ulps.
     let targets = shifted_targets(&batch);
     let (chunked, _) = model.head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 3).unwrap();
     let (whole, _) = model.head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 4096).unwrap();
-    assert_eq!(chunked, whole, "{name}: row chunking changed the log-probs");
+    let d = max_abs_diff(&chunked, &whole);
+    assert!(d < 1e-5, "{name}: row chunking changed the log-probs by {d}");
 }
 
 #[test]

@@ -184,7 +184,9 @@ pub trait RngVec {
 
 impl RngVec for Rng {
     fn vec_uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.uniform() as f32).collect()
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.uniform() as f32)
+            .collect()
     }
     fn vec_normal(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| std * self.normal() as f32).collect()

@@ -1,0 +1,205 @@
+// logprob.cu: fused log-softmax + gather of the target token's log-prob, with the entropy and a
+// temperature, forward and backward.
+//
+// CPU op it must match: `ModelOps::logprobs_forward` / `logprobs_backward`
+// (src/backend/cpu/logprob.rs). With z = logits / temperature, per row of V logits:
+//   lse = log Σ e^z,  logp = z[target] - lse,  H = -Σ p·log p  (p = softmax z),
+//   dlogits += (dlogp·(onehot - p) - dH·p·(log p + H)) / temperature.
+//
+// Kernels (one block per row, any block size that is a whole number of warps):
+//   logprob_fwd_{f32,bf16,f16}(logits, targets, V, temperature, logp, entropy?, lse)
+//   logprob_bwd_{f32,bf16,f16}(dlogits, logits, targets, lse, dlogp, dentropy?, V, temperature)
+// Logits (and dlogits) are f32, bf16 or f16; everything else is f32, and all arithmetic is f32.
+//
+// Nothing of size V is stored (DESIGN.md principle 4): the forward streams the row once, each
+// thread keeping an online softmax (running max m, s = Σ e^(z-m), t = Σ e^(z-m)·(z-m)) over its
+// strided share, and the block merges the per-thread triples in a fixed tree. Then
+// lse = m + ln s and H = ln s - t/s (relative to the max, so no two large numbers are subtracted).
+// The backward recomputes p from the saved lse, and H (one extra pass) only where dH != 0.
+//
+// Exponentials use __expf (ex2.approx after one multiply): the terms it gets ~1e-6 wrong are
+// tiny ones, and it keeps the kernels memory-bound.
+#include "common.cuh"
+
+/// Running softmax statistics of a set of tempered logits, relative to their max `m`.
+struct OnlineSoftmax {
+  float m;  // running max (-inf while empty)
+  float s;  // Σ e^(z-m)
+  float t;  // Σ e^(z-m)·(z-m)
+};
+
+/// Adds one tempered logit. A -inf (or NaN) logit adds nothing: its e^(z-m) is 0, and 0·(-inf)
+/// would poison `t`.
+__device__ __forceinline__ void softmax_push(OnlineSoftmax& a, float z) {
+  if (z > a.m) {
+    if (a.s > 0.f) {
+      // Rescale to the new max: Σ e^(z-m')·(z-m') = α·(t + (m-m')·s), Σ e^(z-m') = α·s.
+      const float d = a.m - z;
+      const float alpha = __expf(d);
+      a.t = alpha * (a.t + d * a.s);
+      a.s *= alpha;
+    }
+    a.m = z;
+  }
+  const float d = z - a.m;
+  const float e = __expf(d);
+  if (e > 0.f) {
+    a.s += e;
+    a.t += e * d;
+  }
+}
+
+/// Rescales `a` to the max `m` (>= a.m) and adds it to (s, t).
+__device__ __forceinline__ void softmax_add_rescaled(const OnlineSoftmax& a, float m, float& s,
+                                                     float& t) {
+  if (a.s > 0.f) {
+    const float d = a.m - m;
+    const float alpha = __expf(d);
+    s += alpha * a.s;
+    t += alpha * (a.t + d * a.s);
+  }
+}
+
+/// Merges two triples; `lo` and `hi` are ordered by lane (or warp) so that both partners of a
+/// butterfly step compute the same bits.
+__device__ __forceinline__ OnlineSoftmax softmax_merge(const OnlineSoftmax& lo,
+                                                       const OnlineSoftmax& hi) {
+  OnlineSoftmax r;
+  r.m = fmaxf(lo.m, hi.m);
+  r.s = 0.f;
+  r.t = 0.f;
+  softmax_add_rescaled(lo, r.m, r.s, r.t);
+  softmax_add_rescaled(hi, r.m, r.s, r.t);
+  return r;
+}
+
+__device__ __forceinline__ OnlineSoftmax warp_softmax_merge(OnlineSoftmax a) {
+  const int lane = threadIdx.x % RL_WARP;
+  for (int o = RL_WARP / 2; o > 0; o >>= 1) {
+    OnlineSoftmax b;
+    b.m = __shfl_xor_sync(RL_FULL_MASK, a.m, o);
+    b.s = __shfl_xor_sync(RL_FULL_MASK, a.s, o);
+    b.t = __shfl_xor_sync(RL_FULL_MASK, a.t, o);
+    a = (lane & o) ? softmax_merge(b, a) : softmax_merge(a, b);
+  }
+  return a;
+}
+
+/// The block's merged triple; every thread gets it. One barrier only: each kernel calls this
+/// once, so the shared slots are never rewritten while being read.
+__device__ __forceinline__ OnlineSoftmax block_softmax_merge(OnlineSoftmax a) {
+  __shared__ float sm[RL_WARP], ss[RL_WARP], st[RL_WARP];
+  const int lane = threadIdx.x % RL_WARP;
+  const int warp = threadIdx.x / RL_WARP;
+  const int warps = blockDim.x / RL_WARP;
+  a = warp_softmax_merge(a);
+  if (lane == 0) {
+    sm[warp] = a.m;
+    ss[warp] = a.s;
+    st[warp] = a.t;
+  }
+  __syncthreads();
+  OnlineSoftmax w;
+  w.m = lane < warps ? sm[lane] : -rl_inf();
+  w.s = lane < warps ? ss[lane] : 0.f;
+  w.t = lane < warps ? st[lane] : 0.f;
+  return warp_softmax_merge(w);
+}
+
+template <typename T>
+__device__ __forceinline__ void logprob_fwd(const T* __restrict__ logits,
+                                            const unsigned* __restrict__ targets, int V,
+                                            float temperature, float* __restrict__ logp,
+                                            float* __restrict__ entropy, float* __restrict__ lse) {
+  const long long row = blockIdx.x;
+  const T* x = logits + row * V;
+  OnlineSoftmax acc;
+  acc.m = -rl_inf();
+  acc.s = 0.f;
+  acc.t = 0.f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) softmax_push(acc, to_f32(x[i]) / temperature);
+  acc = block_softmax_merge(acc);
+  if (threadIdx.x == 0) {
+    const float ln_s = logf(acc.s);
+    const float l = acc.m + ln_s;
+    lse[row] = l;
+    logp[row] = to_f32(x[targets[row]]) / temperature - l;
+    if (entropy) entropy[row] = ln_s - acc.t / acc.s;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void logprob_bwd(T* __restrict__ dlogits, const T* __restrict__ logits,
+                                            const unsigned* __restrict__ targets,
+                                            const float* __restrict__ lse,
+                                            const float* __restrict__ dlogp,
+                                            const float* __restrict__ dentropy, int V,
+                                            float temperature) {
+  __shared__ float scratch[RL_WARP];
+  const long long row = blockIdx.x;
+  const T* x = logits + row * V;
+  T* dz = dlogits + row * V;
+  const float l = lse[row];
+  const float dl = dlogp[row];
+  const float dh = dentropy ? dentropy[row] : 0.f;
+  const float inv_t = 1.f / temperature;
+  // H = -Σ p·log p from the saved lse; skipped (uniformly over the block) when dH = 0.
+  float h = 0.f;
+  if (dh != 0.f) {
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const float c = to_f32(x[i]) / temperature - l;
+      const float p = __expf(c);
+      if (p > 0.f) acc += p * c;  // p = 0 where a logit is -inf, and 0·(-inf) is NaN
+    }
+    h = -block_sum1(acc, scratch);
+  }
+  const unsigned target = targets[row];
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float c = to_f32(x[i]) / temperature - l;
+    const float p = __expf(c);
+    const float g = p > 0.f ? p * (dl + dh * (c + h)) : 0.f;
+    float d = to_f32(dz[i]) - g * inv_t;
+    if ((unsigned)i == target) d += dl * inv_t;
+    store_f32(&dz[i], d);
+  }
+}
+
+extern "C" __global__ void logprob_fwd_f32(const float* logits, const unsigned* targets, int V,
+                                           float temperature, float* logp, float* entropy,
+                                           float* lse) {
+  logprob_fwd(logits, targets, V, temperature, logp, entropy, lse);
+}
+
+extern "C" __global__ void logprob_fwd_bf16(const rl_bf16* logits, const unsigned* targets, int V,
+                                            float temperature, float* logp, float* entropy,
+                                            float* lse) {
+  logprob_fwd(logits, targets, V, temperature, logp, entropy, lse);
+}
+
+extern "C" __global__ void logprob_fwd_f16(const rl_f16* logits, const unsigned* targets, int V,
+                                           float temperature, float* logp, float* entropy,
+                                           float* lse) {
+  logprob_fwd(logits, targets, V, temperature, logp, entropy, lse);
+}
+
+extern "C" __global__ void logprob_bwd_f32(float* dlogits, const float* logits,
+                                           const unsigned* targets, const float* lse,
+                                           const float* dlogp, const float* dentropy, int V,
+                                           float temperature) {
+  logprob_bwd(dlogits, logits, targets, lse, dlogp, dentropy, V, temperature);
+}
+
+extern "C" __global__ void logprob_bwd_bf16(rl_bf16* dlogits, const rl_bf16* logits,
+                                            const unsigned* targets, const float* lse,
+                                            const float* dlogp, const float* dentropy, int V,
+                                            float temperature) {
+  logprob_bwd(dlogits, logits, targets, lse, dlogp, dentropy, V, temperature);
+}
+
+extern "C" __global__ void logprob_bwd_f16(rl_f16* dlogits, const rl_f16* logits,
+                                           const unsigned* targets, const float* lse,
+                                           const float* dlogp, const float* dentropy, int V,
+                                           float temperature) {
+  logprob_bwd(dlogits, logits, targets, lse, dlogp, dentropy, V, temperature);
+}

@@ -1,0 +1,430 @@
+//! The emulated CUDA backend: the kernels in `kernels/`, compiled by g++ against the emulation
+//! shim (`kernels/emu/`, built by build.rs), run on the CPU (DESIGN.md principle 3).
+//!
+//! [`Emu`] implements the loss family ([`LossOps`]) through exactly the host code a device
+//! backend uses — the launch plans in [`plan`] and the op drivers in [`ops`] — with host memory
+//! standing in for device memory, so tests check the kernels and all of that host code against
+//! the CPU reference without a GPU. The log-prob kernels are reached through
+//! [`Emu::logprobs_forward`] and [`Emu::logprobs_backward`], which also take bf16 and f16 logits.
+//!
+//! The shim runs one fiber per CUDA thread, blocks one after another, and resumes threads after
+//! each barrier in an order drawn from [`Emu::with_seed`]'s seed; a correct kernel gives the same
+//! bits for every seed. [`Emu::with_dropped_sync`] removes one `__syncthreads` from every thread,
+//! to show that the shim catches the race that opens.
+
+pub mod ops;
+pub mod plan;
+mod shim;
+
+pub use ops::{KernelError, Launcher};
+pub use shim::has_kernel;
+
+use super::loss::{
+    Aggregation, BtCfg, BtGrad, BtStats, DpoCfg, DpoGrad, DpoInputs, DpoOutputs, DpoStats, GaeCfg,
+    Grad, GroupAdvCfg, GroupAdvStats, KlEstimator, KlInputs, KlRewardCfg, PolicyLossCfg,
+    PolicyLossGrad, PolicyLossInputs, PolicyLossStats, Rows, ValueLossCfg, ValueLossInputs,
+    ValueLossStats,
+};
+use super::{Backend, LossOps};
+use plan::{DevPtr, Dtype, Launch};
+use std::cell::Cell;
+use std::ops::Range;
+
+/// The emulated CUDA backend. Buffers are host `Vec<f32>`, as on the CPU backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Emu {
+    seed: u64,
+    drop_sync: u32,
+}
+
+impl Default for Emu {
+    fn default() -> Emu {
+        Emu::with_seed(0x5eed)
+    }
+}
+
+impl Emu {
+    /// An emulator that orders threads after each barrier from `seed`.
+    pub fn with_seed(seed: u64) -> Emu {
+        Emu { seed, drop_sync: 0 }
+    }
+
+    /// The same emulator with each thread's `k`-th `__syncthreads` (1-based) skipped, for tests
+    /// that show a missing barrier is caught; 0 skips none.
+    pub fn with_dropped_sync(self, k: u32) -> Emu {
+        Emu {
+            drop_sync: k,
+            ..self
+        }
+    }
+
+    /// `ModelOps::logprobs_forward` on the kernels, with logits of any [`Logits`] type.
+    /// logp, lse: (N); entropy: (N) if wanted; logits: (N, V); targets: (N) ids `< V`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprobs_forward(
+        &self,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+        lse: &mut [f32],
+        logits: Logits<'_>,
+        targets: &[u32],
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        assert_eq!(logits.len(), n * v, "logprobs_forward: logits is not N·V");
+        assert!(
+            logp.len() == n && lse.len() == n,
+            "logprobs_forward: logp and lse must be N"
+        );
+        let entropy = entropy.map_or(DevPtr::NULL, |e| {
+            assert_eq!(e.len(), n, "logprobs_forward: entropy must be N");
+            mut_ptr(e)
+        });
+        let p = plan::LogprobFwdPtrs {
+            logits: logits.ptr(),
+            logp: mut_ptr(logp),
+            entropy,
+            lse: mut_ptr(lse),
+        };
+        // SAFETY: every tensor's length was checked against N and V above (the driver checks the
+        // targets), and the slices outlive the call, which runs the kernel to completion.
+        unsafe { ops::logprobs_forward(self, logits.dtype(), p, targets, n, v, temperature) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ModelOps::logprobs_backward` on the kernels; `dlogits` has the logits' type.
+    /// dlogits, logits: (N, V); targets, lse, dlogp, dentropy: (N).
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprobs_backward(
+        &self,
+        dlogits: LogitsMut<'_>,
+        logits: Logits<'_>,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        let dtype = logits.dtype();
+        assert_eq!(
+            dlogits.dtype(),
+            dtype,
+            "logprobs_backward: dlogits and logits differ in type"
+        );
+        assert_eq!(logits.len(), n * v, "logprobs_backward: logits is not N·V");
+        assert_eq!(
+            dlogits.len(),
+            n * v,
+            "logprobs_backward: dlogits is not N·V"
+        );
+        assert!(
+            lse.len() == n && dlogp.len() == n,
+            "logprobs_backward: lse and dlogp must be N"
+        );
+        let dentropy = dentropy.map_or(DevPtr::NULL, |d| {
+            assert_eq!(d.len(), n, "logprobs_backward: dentropy must be N");
+            ptr(d)
+        });
+        let p = plan::LogprobBwdPtrs {
+            dlogits: dlogits.ptr(),
+            logits: logits.ptr(),
+            lse: ptr(lse),
+            dlogp: ptr(dlogp),
+            dentropy,
+        };
+        // SAFETY: every tensor's length was checked against N and V above (the driver checks the
+        // targets), and the slices outlive the call, which runs the kernel to completion.
+        unsafe { ops::logprobs_backward(self, dtype, p, targets, n, v, temperature) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Logits for the log-prob kernels, of any of the types they read.
+#[derive(Clone, Copy, Debug)]
+pub enum Logits<'a> {
+    /// f32 logits.
+    F32(&'a [f32]),
+    /// bf16 logits.
+    Bf16(&'a [half::bf16]),
+    /// f16 logits.
+    F16(&'a [half::f16]),
+}
+
+impl Logits<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Logits::F32(x) => x.len(),
+            Logits::Bf16(x) => x.len(),
+            Logits::F16(x) => x.len(),
+        }
+    }
+    fn dtype(&self) -> Dtype {
+        match self {
+            Logits::F32(_) => Dtype::F32,
+            Logits::Bf16(_) => Dtype::Bf16,
+            Logits::F16(_) => Dtype::F16,
+        }
+    }
+    fn ptr(&self) -> DevPtr {
+        match self {
+            Logits::F32(x) => DevPtr(x.as_ptr() as u64),
+            Logits::Bf16(x) => DevPtr(x.as_ptr() as u64),
+            Logits::F16(x) => DevPtr(x.as_ptr() as u64),
+        }
+    }
+}
+
+/// Writable logit gradients for [`Emu::logprobs_backward`].
+#[derive(Debug)]
+pub enum LogitsMut<'a> {
+    /// f32 gradients.
+    F32(&'a mut [f32]),
+    /// bf16 gradients.
+    Bf16(&'a mut [half::bf16]),
+    /// f16 gradients.
+    F16(&'a mut [half::f16]),
+}
+
+impl LogitsMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            LogitsMut::F32(x) => x.len(),
+            LogitsMut::Bf16(x) => x.len(),
+            LogitsMut::F16(x) => x.len(),
+        }
+    }
+    fn dtype(&self) -> Dtype {
+        match self {
+            LogitsMut::F32(_) => Dtype::F32,
+            LogitsMut::Bf16(_) => Dtype::Bf16,
+            LogitsMut::F16(_) => Dtype::F16,
+        }
+    }
+    fn ptr(self) -> DevPtr {
+        match self {
+            LogitsMut::F32(x) => DevPtr(x.as_mut_ptr() as u64),
+            LogitsMut::Bf16(x) => DevPtr(x.as_mut_ptr() as u64),
+            LogitsMut::F16(x) => DevPtr(x.as_mut_ptr() as u64),
+        }
+    }
+}
+
+fn ptr(x: &[f32]) -> DevPtr {
+    DevPtr(x.as_ptr() as u64)
+}
+
+fn mut_ptr(x: &mut [f32]) -> DevPtr {
+    DevPtr(x.as_mut_ptr() as u64)
+}
+
+impl Backend for Emu {
+    type Buf = Vec<f32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+    fn len(&self, b: &Vec<f32>) -> usize {
+        b.len()
+    }
+    fn view<'a>(&self, b: &'a Vec<f32>, r: Range<usize>) -> &'a [f32] {
+        &b[r]
+    }
+    fn view_mut<'a>(&self, b: &'a mut Vec<f32>, r: Range<usize>) -> &'a mut [f32] {
+        &mut b[r]
+    }
+    fn fill(&self, v: &mut [f32], value: f32) {
+        v.fill(value)
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+// SAFETY: views are slices, whose pointers and lengths are exactly what the trait asks for, and
+// scratch is an owned boxed slice of 8-byte cells (interior mutability: the kernels write through
+// pointers taken from a shared borrow). Launches run to completion before `launch` returns, so
+// everything a kernel touches is still borrowed while it runs.
+unsafe impl Launcher for Emu {
+    type Scratch = Box<[Cell<u64>]>;
+
+    fn ptr(&self, v: &[f32]) -> DevPtr {
+        ptr(v)
+    }
+    fn ptr_mut(&self, v: &mut &mut [f32]) -> DevPtr {
+        mut_ptr(v)
+    }
+    fn view_len(&self, v: &[f32]) -> usize {
+        v.len()
+    }
+    fn view_mut_len(&self, v: &&mut [f32]) -> usize {
+        v.len()
+    }
+    fn scratch(&self, len: usize) -> Result<Self::Scratch, KernelError> {
+        Ok((0..len).map(|_| Cell::new(0)).collect())
+    }
+    fn scratch_u32(&self, data: &[u32]) -> Result<Self::Scratch, KernelError> {
+        // Little-endian words: u32 `2k` in the low half of word k, as a `u32*` reads them.
+        Ok(data
+            .chunks(2)
+            .map(|c| Cell::new(c[0] as u64 | (c.get(1).copied().unwrap_or(0) as u64) << 32))
+            .collect())
+    }
+    fn scratch_ptr(&self, s: &Self::Scratch) -> DevPtr {
+        DevPtr(s.as_ptr() as u64)
+    }
+    fn read_f64(&self, s: &Self::Scratch, len: usize) -> Result<Vec<f64>, KernelError> {
+        Ok(s[..len].iter().map(|c| f64::from_bits(c.get())).collect())
+    }
+    unsafe fn launch(&self, l: &Launch) -> Result<(), KernelError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { shim::launch(l, self.seed, self.drop_sync) }
+    }
+}
+
+/// Runs a driver and turns a launch failure into a panic: the trait's ops are infallible, and
+/// on the emulator a failure is a bug in a kernel or a plan.
+fn run<T>(r: Result<T, KernelError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl LossOps for Emu {
+    fn masked_row_sum(
+        &self,
+        sums: &mut [f32],
+        counts: Option<&mut [f32]>,
+        x: &[f32],
+        mask: &[f32],
+        rows: Rows,
+    ) {
+        run(ops::masked_row_sum(self, sums, counts, x, mask, rows))
+    }
+
+    fn masked_row_sum_backward(&self, dx: &mut [f32], dsums: &[f32], mask: &[f32], rows: Rows) {
+        run(ops::masked_row_sum_backward(self, dx, dsums, mask, rows))
+    }
+
+    fn kl(
+        &self,
+        x: &KlInputs<'_, Self>,
+        estimator: KlEstimator,
+        agg: Aggregation,
+        per_token: Option<&mut [f32]>,
+        grad: Option<Grad<'_, Self>>,
+    ) -> f64 {
+        run(ops::kl(self, x, estimator, agg, per_token, grad))
+    }
+
+    fn policy_loss(
+        &self,
+        x: &PolicyLossInputs<'_, Self>,
+        cfg: &PolicyLossCfg,
+        per_token: Option<&mut [f32]>,
+        grad: Option<PolicyLossGrad<'_, Self>>,
+    ) -> PolicyLossStats {
+        run(ops::policy_loss(self, x, cfg, per_token, grad))
+    }
+
+    fn value_loss(
+        &self,
+        x: &ValueLossInputs<'_, Self>,
+        cfg: &ValueLossCfg,
+        per_token: Option<&mut [f32]>,
+        grad: Option<Grad<'_, Self>>,
+    ) -> ValueLossStats {
+        run(ops::value_loss(self, x, cfg, per_token, grad))
+    }
+
+    fn kl_shaped_rewards(
+        &self,
+        rewards: &mut [f32],
+        logp: &[f32],
+        logp_ref: &[f32],
+        scores: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        cfg: &KlRewardCfg,
+    ) {
+        run(ops::kl_shaped_rewards(
+            self, rewards, logp, logp_ref, scores, mask, rows, cfg,
+        ))
+    }
+
+    fn gae(
+        &self,
+        advantages: &mut [f32],
+        returns: &mut [f32],
+        rewards: &[f32],
+        values: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        cfg: &GaeCfg,
+    ) {
+        run(ops::gae(
+            self, advantages, returns, rewards, values, mask, rows, cfg,
+        ))
+    }
+
+    fn reinforce_pp(
+        &self,
+        advantages: &mut [f32],
+        returns: &mut [f32],
+        rewards: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        gamma: f32,
+    ) {
+        run(ops::reinforce_pp(
+            self, advantages, returns, rewards, mask, rows, gamma,
+        ))
+    }
+
+    fn group_advantages(
+        &self,
+        advantages: &mut [f32],
+        baseline: Option<&mut [f32]>,
+        group_std: Option<&mut [f32]>,
+        rewards: &[f32],
+        n: usize,
+        cfg: &GroupAdvCfg,
+    ) -> GroupAdvStats {
+        run(ops::group_advantages(
+            self, advantages, baseline, group_std, rewards, n, cfg,
+        ))
+    }
+
+    fn bt_loss(
+        &self,
+        chosen: &[f32],
+        rejected: &[f32],
+        margin: Option<&[f32]>,
+        p: usize,
+        cfg: &BtCfg,
+        grad: Option<BtGrad<'_, Self>>,
+    ) -> BtStats {
+        run(ops::bt_loss(self, chosen, rejected, margin, p, cfg, grad))
+    }
+
+    fn dpo_loss(
+        &self,
+        x: &DpoInputs<'_, Self>,
+        cfg: &DpoCfg,
+        out: DpoOutputs<'_, Self>,
+        grad: Option<DpoGrad<'_, Self>>,
+    ) -> DpoStats {
+        run(ops::dpo_loss(self, x, cfg, out, grad))
+    }
+}

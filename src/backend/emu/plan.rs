@@ -1,0 +1,736 @@
+//! Launch plans: for every kernel in `kernels/`, its grid, block and shared-memory sizes and its
+//! arguments in the kernel's parameter order, written once. Every launcher takes the same
+//! [`Launch`] values — the emulated one ([`super::Emu`]) and a device one — so the emulated tests
+//! exercise all of the host code but the driver call (DESIGN.md principle 3).
+//!
+//! Each plan function names the kernel whose C signature it mirrors; [`Launch::signature`] lets
+//! the emulator check every launch's argument types against the kernel's, so a plan that drifts
+//! from its kernel fails its first test instead of reading garbage.
+
+use crate::backend::loss::{
+    Aggregation, DpoCfg, DpoLoss, GroupAdvCfg, GroupBaseline, GroupScale, KlEstimator,
+    PolicyLossCfg, Rows, ValueLossCfg,
+};
+
+/// A device address (a host address under emulation). [`DevPtr::NULL`] is an absent optional
+/// input or output, which kernels test for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevPtr(pub u64);
+
+impl DevPtr {
+    /// The null pointer.
+    pub const NULL: DevPtr = DevPtr(0);
+}
+
+/// One kernel argument, as the kernel's C parameter type sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// Any pointer.
+    Ptr(DevPtr),
+    /// `int` (or `unsigned`).
+    I32(i32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+impl Arg {
+    /// The argument's type code in a kernel signature: `p`ointer, `i`nt, `f`loat, `d`ouble.
+    pub fn code(self) -> char {
+        match self {
+            Arg::Ptr(_) => 'p',
+            Arg::I32(_) => 'i',
+            Arg::F32(_) => 'f',
+            Arg::F64(_) => 'd',
+        }
+    }
+
+    /// The argument's bytes at the start of an 8-byte little-endian slot: what a launch's
+    /// parameter pointer (cuLaunchKernel's `kernelParams[i]`) must point to.
+    pub fn bits(self) -> u64 {
+        match self {
+            Arg::Ptr(p) => p.0,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+            Arg::F64(v) => v.to_bits(),
+        }
+    }
+}
+
+/// A kernel: its source file (relative to `kernels/`, one NVRTC module) and its unmangled name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    /// The `.cu` file defining it.
+    pub file: &'static str,
+    /// Its `extern "C"` name.
+    pub name: &'static str,
+}
+
+macro_rules! kernels {
+    ($($konst:ident = $file:literal / $name:ident;)*) => {
+        $(
+            #[doc = concat!("`", stringify!($name), "` in `kernels/", $file, "`.")]
+            pub const $konst: Kernel = Kernel { file: $file, name: stringify!($name) };
+        )*
+        /// Every kernel the host code launches.
+        pub const ALL: &[Kernel] = &[$($konst),*];
+    };
+}
+
+kernels! {
+    LOGPROB_FWD_F32 = "logprob.cu" / logprob_fwd_f32;
+    LOGPROB_FWD_BF16 = "logprob.cu" / logprob_fwd_bf16;
+    LOGPROB_FWD_F16 = "logprob.cu" / logprob_fwd_f16;
+    LOGPROB_BWD_F32 = "logprob.cu" / logprob_bwd_f32;
+    LOGPROB_BWD_BF16 = "logprob.cu" / logprob_bwd_bf16;
+    LOGPROB_BWD_F16 = "logprob.cu" / logprob_bwd_f16;
+    KL_F32 = "kl.cu" / kl_f32;
+    KL_REWARDS_F32 = "kl.cu" / kl_rewards_f32;
+    POLICY_LOSS_F32 = "ppo_loss.cu" / policy_loss_f32;
+    VALUE_LOSS_F32 = "ppo_loss.cu" / value_loss_f32;
+    GAE_F32 = "ppo_loss.cu" / gae_f32;
+    DISCOUNTED_RETURNS_F32 = "ppo_loss.cu" / discounted_returns_f32;
+    MASKED_WHITEN_F32 = "ppo_loss.cu" / masked_whiten_f32;
+    GROUP_ADV_F32 = "ppo_loss.cu" / group_adv_f32;
+    BT_LOSS_F32 = "pref_loss.cu" / bt_loss_f32;
+    DPO_LOSS_F32 = "pref_loss.cu" / dpo_loss_f32;
+    ROW_COUNTS_F32 = "reduce.cu" / row_counts_f32;
+    MASKED_ROW_SUM_F32 = "reduce.cu" / masked_row_sum_f32;
+    MASKED_ROW_SUM_BWD_F32 = "reduce.cu" / masked_row_sum_bwd_f32;
+    SUM_PARTIALS_F64 = "reduce.cu" / sum_partials_f64;
+}
+
+/// Threads per block of the row-wise loss kernels (one block per sequence): rows are tens to a few
+/// thousand tokens, so 128 threads keep every lane busy without idling most of a larger block.
+pub const ROW_BLOCK: u32 = 128;
+/// Threads per block of the log-prob kernels (one block per row of V logits).
+pub const LOGPROB_BLOCK: u32 = 256;
+/// Threads of the single-block kernels (final reductions, whitening, pairs, groups) and per block
+/// of the elementwise ones.
+pub const FLAT_BLOCK: u32 = 256;
+/// Threads per block of the scans that give each thread a whole row (GAE, returns).
+pub const SCAN_BLOCK: u32 = 64;
+
+/// Columns of `policy_loss_f32`'s per-row partial sums (`POLICY_PARTIALS` in ppo_loss.cu):
+/// loss, clipped, dual-clipped, approx-KL, KL, entropy, tokens.
+pub const POLICY_PARTIALS: usize = 7;
+/// Columns of `value_loss_f32`'s per-row partial sums: loss, clipped, tokens.
+pub const VALUE_PARTIALS: usize = 3;
+/// Values `bt_loss_f32` writes: loss, accuracy, margin.
+pub const BT_STATS: usize = 3;
+/// Values `dpo_loss_f32` writes: loss, accuracy, margin, chosen reward, rejected reward.
+pub const DPO_STATS: usize = 5;
+
+/// One kernel launch: what to run, its geometry, and its arguments in parameter order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Blocks in x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block in x, y, z.
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block, bytes.
+    pub shared_bytes: u32,
+    /// Arguments, in the kernel's parameter order.
+    pub args: Vec<Arg>,
+}
+
+impl Launch {
+    fn new(kernel: Kernel, blocks: usize, threads: u32, args: Vec<Arg>) -> Launch {
+        let blocks = u32::try_from(blocks).unwrap_or_else(|_| {
+            panic!(
+                "{}: {blocks} blocks exceed a grid's x dimension",
+                kernel.name
+            )
+        });
+        Launch {
+            kernel,
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+            args,
+        }
+    }
+
+    /// True when the grid has no block (an empty batch): there is nothing to run, and CUDA would
+    /// reject the launch, so launchers skip it.
+    pub fn is_empty(&self) -> bool {
+        self.grid.contains(&0) || self.block.contains(&0)
+    }
+
+    /// The argument types as [`Arg::code`] letters, e.g. `"ppid"`.
+    pub fn signature(&self) -> String {
+        self.args.iter().map(|a| a.code()).collect()
+    }
+}
+
+/// A size as a kernel's `int`; panics past `i32::MAX`, far beyond any batch this engine forms.
+fn int(x: usize, what: &str) -> Arg {
+    Arg::I32(
+        i32::try_from(x).unwrap_or_else(|_| panic!("{what} = {x} exceeds a kernel's 32-bit index")),
+    )
+}
+
+/// `Aggregation` as the kernels' `(agg, agg_param)` pair (`RL_AGG_*` in common.cuh).
+fn aggregation(agg: Aggregation) -> [Arg; 2] {
+    let (code, param) = match agg {
+        Aggregation::Grpo => (0, 0.0),
+        Aggregation::Bnpo => (1, 0.0),
+        Aggregation::Dapo { num_items } => (2, num_items),
+        Aggregation::DrGrpo {
+            max_completion_length,
+        } => (3, max_completion_length as f64),
+    };
+    [Arg::I32(code), Arg::F64(param)]
+}
+
+/// `KlEstimator` as `RL_KL_*` in common.cuh.
+fn estimator(e: KlEstimator) -> Arg {
+    Arg::I32(match e {
+        KlEstimator::K1 => 0,
+        KlEstimator::K2 => 1,
+        KlEstimator::K3 => 2,
+    })
+}
+
+/// Element type of the log-prob kernels' logits (and logit gradients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// f32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// Pointers of `logprob_fwd_*` (its targets come separately: they are host ids uploaded per call).
+#[derive(Clone, Copy, Debug)]
+pub struct LogprobFwdPtrs {
+    /// (N, V) logits of the kernel's dtype.
+    pub logits: DevPtr,
+    /// (N), written.
+    pub logp: DevPtr,
+    /// (N) or null, written.
+    pub entropy: DevPtr,
+    /// (N), written.
+    pub lse: DevPtr,
+}
+
+/// `logprob_fwd_{f32,bf16,f16}(logits, targets, V, temperature, logp, entropy, lse)`:
+/// one block per row; targets are (N) u32.
+pub fn logprob_fwd(
+    dtype: Dtype,
+    p: LogprobFwdPtrs,
+    targets: DevPtr,
+    n: usize,
+    v: usize,
+    temperature: f32,
+) -> Launch {
+    let kernel = match dtype {
+        Dtype::F32 => LOGPROB_FWD_F32,
+        Dtype::Bf16 => LOGPROB_FWD_BF16,
+        Dtype::F16 => LOGPROB_FWD_F16,
+    };
+    let args = vec![
+        Arg::Ptr(p.logits),
+        Arg::Ptr(targets),
+        int(v, "V"),
+        Arg::F32(temperature),
+        Arg::Ptr(p.logp),
+        Arg::Ptr(p.entropy),
+        Arg::Ptr(p.lse),
+    ];
+    Launch::new(kernel, n, LOGPROB_BLOCK, args)
+}
+
+/// Pointers of `logprob_bwd_*` (its targets come separately, as for the forward).
+#[derive(Clone, Copy, Debug)]
+pub struct LogprobBwdPtrs {
+    /// (N, V) of the kernel's dtype, added to.
+    pub dlogits: DevPtr,
+    /// (N, V) of the kernel's dtype.
+    pub logits: DevPtr,
+    /// (N), from the forward.
+    pub lse: DevPtr,
+    /// (N).
+    pub dlogp: DevPtr,
+    /// (N) or null.
+    pub dentropy: DevPtr,
+}
+
+/// `logprob_bwd_{f32,bf16,f16}(dlogits, logits, targets, lse, dlogp, dentropy, V, temperature)`:
+/// one block per row; targets are (N) u32.
+pub fn logprob_bwd(
+    dtype: Dtype,
+    p: LogprobBwdPtrs,
+    targets: DevPtr,
+    n: usize,
+    v: usize,
+    temperature: f32,
+) -> Launch {
+    let kernel = match dtype {
+        Dtype::F32 => LOGPROB_BWD_F32,
+        Dtype::Bf16 => LOGPROB_BWD_BF16,
+        Dtype::F16 => LOGPROB_BWD_F16,
+    };
+    let args = vec![
+        Arg::Ptr(p.dlogits),
+        Arg::Ptr(p.logits),
+        Arg::Ptr(targets),
+        Arg::Ptr(p.lse),
+        Arg::Ptr(p.dlogp),
+        Arg::Ptr(p.dentropy),
+        int(v, "V"),
+        Arg::F32(temperature),
+    ];
+    Launch::new(kernel, n, LOGPROB_BLOCK, args)
+}
+
+/// `row_counts_f32(mask, T, counts)`: one block per row; counts are f64.
+pub fn row_counts(mask: DevPtr, rows: Rows, counts: DevPtr) -> Launch {
+    let args = vec![Arg::Ptr(mask), int(rows.t, "T"), Arg::Ptr(counts)];
+    Launch::new(ROW_COUNTS_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// `sum_partials_f64(partials, rows, k, out)`: one block adds `rows` rows of `k` columns.
+pub fn sum_partials(partials: DevPtr, rows: usize, k: usize, out: DevPtr) -> Launch {
+    let args = vec![
+        Arg::Ptr(partials),
+        int(rows, "rows"),
+        int(k, "k"),
+        Arg::Ptr(out),
+    ];
+    Launch::new(SUM_PARTIALS_F64, 1, FLAT_BLOCK, args)
+}
+
+/// `masked_row_sum_f32(x, mask, T, sums, counts)`: one block per row.
+pub fn masked_row_sum(x: DevPtr, mask: DevPtr, rows: Rows, sums: DevPtr, counts: DevPtr) -> Launch {
+    let args = vec![
+        Arg::Ptr(x),
+        Arg::Ptr(mask),
+        int(rows.t, "T"),
+        Arg::Ptr(sums),
+        Arg::Ptr(counts),
+    ];
+    Launch::new(MASKED_ROW_SUM_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// `masked_row_sum_bwd_f32(dx, dsums, mask, n, T)`: one thread per token.
+pub fn masked_row_sum_bwd(dx: DevPtr, dsums: DevPtr, mask: DevPtr, rows: Rows) -> Launch {
+    let n = rows.n();
+    let args = vec![
+        Arg::Ptr(dx),
+        Arg::Ptr(dsums),
+        Arg::Ptr(mask),
+        int(n, "B*T"),
+        int(rows.t, "T"),
+    ];
+    Launch::new(
+        MASKED_ROW_SUM_BWD_F32,
+        n.div_ceil(FLAT_BLOCK as usize),
+        FLAT_BLOCK,
+        args,
+    )
+}
+
+/// Pointers of `kl_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct KlPtrs {
+    /// (B*T).
+    pub logp: DevPtr,
+    /// (B*T).
+    pub logp_ref: DevPtr,
+    /// (B*T).
+    pub mask: DevPtr,
+    /// (B) f64, from [`row_counts`].
+    pub counts: DevPtr,
+    /// (B*T) or null.
+    pub per_token: DevPtr,
+    /// (B*T) or null: the gradient, added to.
+    pub dx: DevPtr,
+    /// (B) f64: each row's weighted sum.
+    pub partials: DevPtr,
+}
+
+/// `kl_f32(logp, logp_ref, mask, counts, rows, T, estimator, agg, agg_param, dloss, per_token,
+/// dx, partials)`: one block per row.
+pub fn kl(p: KlPtrs, rows: Rows, est: KlEstimator, agg: Aggregation, dloss: f32) -> Launch {
+    let [agg, agg_param] = aggregation(agg);
+    let args = vec![
+        Arg::Ptr(p.logp),
+        Arg::Ptr(p.logp_ref),
+        Arg::Ptr(p.mask),
+        Arg::Ptr(p.counts),
+        int(rows.b, "B"),
+        int(rows.t, "T"),
+        estimator(est),
+        agg,
+        agg_param,
+        Arg::F32(dloss),
+        Arg::Ptr(p.per_token),
+        Arg::Ptr(p.dx),
+        Arg::Ptr(p.partials),
+    ];
+    Launch::new(KL_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// Pointers of `kl_rewards_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct KlRewardsPtrs {
+    /// (B*T).
+    pub logp: DevPtr,
+    /// (B*T).
+    pub logp_ref: DevPtr,
+    /// (B).
+    pub scores: DevPtr,
+    /// (B*T).
+    pub mask: DevPtr,
+    /// (B*T), written.
+    pub rewards: DevPtr,
+}
+
+/// `kl_rewards_f32(logp, logp_ref, scores, mask, T, estimator, kl_coef, rewards)`: one block per
+/// row.
+pub fn kl_rewards(p: KlRewardsPtrs, rows: Rows, est: KlEstimator, kl_coef: f32) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.logp),
+        Arg::Ptr(p.logp_ref),
+        Arg::Ptr(p.scores),
+        Arg::Ptr(p.mask),
+        int(rows.t, "T"),
+        estimator(est),
+        Arg::F32(kl_coef),
+        Arg::Ptr(p.rewards),
+    ];
+    Launch::new(KL_REWARDS_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// Pointers of `policy_loss_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyPtrs {
+    /// (B*T).
+    pub logp: DevPtr,
+    /// (B*T).
+    pub logp_old: DevPtr,
+    /// (B*T), or (B) when `adv_per_seq`.
+    pub adv: DevPtr,
+    /// Whether `adv` holds one advantage per row.
+    pub adv_per_seq: bool,
+    /// (B*T) or null.
+    pub logp_ref: DevPtr,
+    /// (B*T) or null.
+    pub entropy: DevPtr,
+    /// (B*T).
+    pub mask: DevPtr,
+    /// (B) f64, from [`row_counts`].
+    pub counts: DevPtr,
+    /// (B*T) or null.
+    pub per_token: DevPtr,
+    /// (B*T) or null: added to.
+    pub dlogp: DevPtr,
+    /// (B*T) or null: added to.
+    pub dentropy: DevPtr,
+    /// (B, [`POLICY_PARTIALS`]) f64.
+    pub partials: DevPtr,
+}
+
+/// `policy_loss_f32(logp, logp_old, adv, adv_per_seq, logp_ref, entropy, mask, counts, rows, T,
+/// clip_lo, clip_hi, dual_clip, dual_c, kl_coef, entropy_coef, agg, agg_param, dloss, per_token,
+/// dlogp, dentropy, partials)`: one block per row.
+pub fn policy_loss(p: PolicyPtrs, rows: Rows, cfg: &PolicyLossCfg, dloss: f32) -> Launch {
+    let [agg, agg_param] = aggregation(cfg.agg);
+    // The clip bounds in f64 before the one rounding, as the reference forms them.
+    let lo = (1.0 - cfg.clip_low as f64) as f32;
+    let hi = (1.0 + cfg.clip_high as f64) as f32;
+    let args = vec![
+        Arg::Ptr(p.logp),
+        Arg::Ptr(p.logp_old),
+        Arg::Ptr(p.adv),
+        Arg::I32(p.adv_per_seq as i32),
+        Arg::Ptr(p.logp_ref),
+        Arg::Ptr(p.entropy),
+        Arg::Ptr(p.mask),
+        Arg::Ptr(p.counts),
+        int(rows.b, "B"),
+        int(rows.t, "T"),
+        Arg::F32(lo),
+        Arg::F32(hi),
+        Arg::I32(cfg.dual_clip.is_some() as i32),
+        Arg::F32(cfg.dual_clip.unwrap_or(0.0)),
+        Arg::F32(cfg.kl_coef),
+        Arg::F32(cfg.entropy_coef),
+        agg,
+        agg_param,
+        Arg::F32(dloss),
+        Arg::Ptr(p.per_token),
+        Arg::Ptr(p.dlogp),
+        Arg::Ptr(p.dentropy),
+        Arg::Ptr(p.partials),
+    ];
+    Launch::new(POLICY_LOSS_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// Pointers of `value_loss_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct ValuePtrs {
+    /// (B*T).
+    pub values: DevPtr,
+    /// (B*T).
+    pub values_old: DevPtr,
+    /// (B*T).
+    pub returns: DevPtr,
+    /// (B*T).
+    pub mask: DevPtr,
+    /// (B) f64, from [`row_counts`].
+    pub counts: DevPtr,
+    /// (B*T) or null.
+    pub per_token: DevPtr,
+    /// (B*T) or null: added to.
+    pub dx: DevPtr,
+    /// (B, [`VALUE_PARTIALS`]) f64.
+    pub partials: DevPtr,
+}
+
+/// `value_loss_f32(values, values_old, returns, mask, counts, rows, T, has_clip, clip, agg,
+/// agg_param, dloss, per_token, dx, partials)`: one block per row.
+pub fn value_loss(p: ValuePtrs, rows: Rows, cfg: &ValueLossCfg, dloss: f32) -> Launch {
+    let [agg, agg_param] = aggregation(cfg.agg);
+    let args = vec![
+        Arg::Ptr(p.values),
+        Arg::Ptr(p.values_old),
+        Arg::Ptr(p.returns),
+        Arg::Ptr(p.mask),
+        Arg::Ptr(p.counts),
+        int(rows.b, "B"),
+        int(rows.t, "T"),
+        Arg::I32(cfg.clip.is_some() as i32),
+        Arg::F32(cfg.clip.unwrap_or(0.0)),
+        agg,
+        agg_param,
+        Arg::F32(dloss),
+        Arg::Ptr(p.per_token),
+        Arg::Ptr(p.dx),
+        Arg::Ptr(p.partials),
+    ];
+    Launch::new(VALUE_LOSS_F32, rows.b, ROW_BLOCK, args)
+}
+
+/// `gae_f32(rewards, values, mask, rows, T, gamma, lam, adv, ret)`: one thread per row.
+#[allow(clippy::too_many_arguments)]
+pub fn gae(
+    rewards: DevPtr,
+    values: DevPtr,
+    mask: DevPtr,
+    rows: Rows,
+    gamma: f32,
+    lam: f32,
+    adv: DevPtr,
+    ret: DevPtr,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(rewards),
+        Arg::Ptr(values),
+        Arg::Ptr(mask),
+        int(rows.b, "B"),
+        int(rows.t, "T"),
+        Arg::F32(gamma),
+        Arg::F32(lam),
+        Arg::Ptr(adv),
+        Arg::Ptr(ret),
+    ];
+    Launch::new(
+        GAE_F32,
+        rows.b.div_ceil(SCAN_BLOCK as usize),
+        SCAN_BLOCK,
+        args,
+    )
+}
+
+/// `discounted_returns_f32(rewards, mask, rows, T, gamma, ret)`: one thread per row.
+pub fn discounted_returns(
+    rewards: DevPtr,
+    mask: DevPtr,
+    rows: Rows,
+    gamma: f32,
+    ret: DevPtr,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(rewards),
+        Arg::Ptr(mask),
+        int(rows.b, "B"),
+        int(rows.t, "T"),
+        Arg::F32(gamma),
+        Arg::Ptr(ret),
+    ];
+    Launch::new(
+        DISCOUNTED_RETURNS_F32,
+        rows.b.div_ceil(SCAN_BLOCK as usize),
+        SCAN_BLOCK,
+        args,
+    )
+}
+
+/// How [`masked_whiten`] scales (`WHITEN_*` in ppo_loss.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whiten {
+    /// TRL `masked_whiten`: `(x - mean)·rsqrt(var_unbiased + 1e-8)` (GAE).
+    UnbiasedVar,
+    /// `(x - mean) / (std_population + 1e-8)` (REINFORCE++).
+    PopulationStd,
+}
+
+/// `masked_whiten_f32(x, mask, n, mode, out)`: one block over all n tokens; `out` may be `x`.
+pub fn masked_whiten(x: DevPtr, mask: DevPtr, n: usize, mode: Whiten, out: DevPtr) -> Launch {
+    let mode = match mode {
+        Whiten::UnbiasedVar => 0,
+        Whiten::PopulationStd => 1,
+    };
+    let args = vec![
+        Arg::Ptr(x),
+        Arg::Ptr(mask),
+        int(n, "B*T"),
+        Arg::I32(mode),
+        Arg::Ptr(out),
+    ];
+    Launch::new(MASKED_WHITEN_F32, 1, FLAT_BLOCK, args)
+}
+
+/// Pointers of `group_adv_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupAdvPtrs {
+    /// (n).
+    pub rewards: DevPtr,
+    /// (n), written.
+    pub adv: DevPtr,
+    /// (n) or null.
+    pub baseline: DevPtr,
+    /// (n) or null.
+    pub group_std: DevPtr,
+    /// (1) f64: the fraction of zero-std groups.
+    pub stats: DevPtr,
+}
+
+/// `group_adv_f32(rewards, n, G, baseline, scale, eps, adv, baseline_out, std_out, stats)`:
+/// one block, a thread per group.
+pub fn group_adv(p: GroupAdvPtrs, n: usize, cfg: &GroupAdvCfg) -> Launch {
+    let baseline = match cfg.baseline {
+        GroupBaseline::Mean => 0,
+        GroupBaseline::LeaveOneOut => 1,
+    };
+    let scale = match cfg.scale {
+        GroupScale::None => 0,
+        GroupScale::Group => 1,
+        GroupScale::Batch => 2,
+    };
+    let args = vec![
+        Arg::Ptr(p.rewards),
+        int(n, "n"),
+        int(cfg.group, "group"),
+        Arg::I32(baseline),
+        Arg::I32(scale),
+        Arg::F32(cfg.eps),
+        Arg::Ptr(p.adv),
+        Arg::Ptr(p.baseline),
+        Arg::Ptr(p.group_std),
+        Arg::Ptr(p.stats),
+    ];
+    Launch::new(GROUP_ADV_F32, 1, FLAT_BLOCK, args)
+}
+
+/// Pointers of `bt_loss_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct BtPtrs {
+    /// (P).
+    pub chosen: DevPtr,
+    /// (P).
+    pub rejected: DevPtr,
+    /// (P) or null.
+    pub margin: DevPtr,
+    /// (P) or null (with `drejected`): added to.
+    pub dchosen: DevPtr,
+    /// (P) or null: added to.
+    pub drejected: DevPtr,
+    /// ([`BT_STATS`]) f64.
+    pub stats: DevPtr,
+}
+
+/// `bt_loss_f32(chosen, rejected, margin, P, center_coef, dloss, dchosen, drejected, stats)`:
+/// one block over all pairs.
+pub fn bt_loss(p: BtPtrs, pairs: usize, center_coef: f32, dloss: f32) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.chosen),
+        Arg::Ptr(p.rejected),
+        Arg::Ptr(p.margin),
+        int(pairs, "P"),
+        Arg::F32(center_coef),
+        Arg::F32(dloss),
+        Arg::Ptr(p.dchosen),
+        Arg::Ptr(p.drejected),
+        Arg::Ptr(p.stats),
+    ];
+    Launch::new(BT_LOSS_F32, 1, FLAT_BLOCK, args)
+}
+
+/// Pointers of `dpo_loss_f32`, in its parameter order.
+#[derive(Clone, Copy, Debug)]
+pub struct DpoPtrs {
+    /// (P).
+    pub policy_chosen: DevPtr,
+    /// (P).
+    pub policy_rejected: DevPtr,
+    /// (P).
+    pub ref_chosen: DevPtr,
+    /// (P).
+    pub ref_rejected: DevPtr,
+    /// (P), read for IPO only.
+    pub chosen_len: DevPtr,
+    /// (P), read for IPO only.
+    pub rejected_len: DevPtr,
+    /// (P) or null.
+    pub losses: DevPtr,
+    /// (P) or null.
+    pub chosen_rewards: DevPtr,
+    /// (P) or null.
+    pub rejected_rewards: DevPtr,
+    /// (P) or null (with `drejected`): added to.
+    pub dchosen: DevPtr,
+    /// (P) or null: added to.
+    pub drejected: DevPtr,
+    /// ([`DPO_STATS`]) f64.
+    pub stats: DevPtr,
+}
+
+/// `dpo_loss_f32(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len,
+/// rejected_len, P, beta, eps, variant, dloss, losses, chosen_rewards, rejected_rewards, dchosen,
+/// drejected, stats)`: one block over all pairs.
+pub fn dpo_loss(p: DpoPtrs, pairs: usize, cfg: &DpoCfg, dloss: f32) -> Launch {
+    let variant = match cfg.loss {
+        DpoLoss::Sigmoid => 0,
+        DpoLoss::Hinge => 1,
+        DpoLoss::Ipo => 2,
+        DpoLoss::Robust => 3,
+    };
+    let args = vec![
+        Arg::Ptr(p.policy_chosen),
+        Arg::Ptr(p.policy_rejected),
+        Arg::Ptr(p.ref_chosen),
+        Arg::Ptr(p.ref_rejected),
+        Arg::Ptr(p.chosen_len),
+        Arg::Ptr(p.rejected_len),
+        int(pairs, "P"),
+        Arg::F32(cfg.beta),
+        Arg::F32(cfg.label_smoothing),
+        Arg::I32(variant),
+        Arg::F32(dloss),
+        Arg::Ptr(p.losses),
+        Arg::Ptr(p.chosen_rewards),
+        Arg::Ptr(p.rejected_rewards),
+        Arg::Ptr(p.dchosen),
+        Arg::Ptr(p.drejected),
+        Arg::Ptr(p.stats),
+    ];
+    Launch::new(DPO_LOSS_F32, 1, FLAT_BLOCK, args)
+}

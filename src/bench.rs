@@ -57,11 +57,24 @@ pub fn sgemm_gflops(size: usize, reps: usize) -> f64 {
         // SAFETY: all three matrices are size×size, row-major, and live for the call.
         unsafe {
             gemm::gemm(
-                size, size, size,
-                c.as_mut_ptr(), 1, size as isize, false,
-                a.as_ptr(), 1, size as isize,
-                b.as_ptr(), 1, size as isize,
-                0.0, 1.0, false, false, false,
+                size,
+                size,
+                size,
+                c.as_mut_ptr(),
+                1,
+                size as isize,
+                false,
+                a.as_ptr(),
+                1,
+                size as isize,
+                b.as_ptr(),
+                1,
+                size as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 gemm::Parallelism::Rayon(0),
             );
         }
@@ -81,7 +94,11 @@ pub fn train_step_flops(cfg: &Config, b: usize, t: usize) -> f64 {
         .filter(|p| p.shape.len() == 2 && p.name != "embed" && p.name != "pos_embed")
         .map(|p| p.range.len())
         .sum::<usize>()
-        + if layout.lm_head.is_none() { cfg.vocab_size * cfg.hidden_size } else { 0 };
+        + if layout.lm_head.is_none() {
+            cfg.vocab_size * cfg.hidden_size
+        } else {
+            0
+        };
     let attn = 2.0 * (b * cfg.n_head * t * t * cfg.head_dim) as f64 * cfg.n_layer as f64;
     3.0 * (2.0 * n * matmul_params as f64 + attn)
 }
@@ -91,7 +108,13 @@ struct Side {
     peak_rss_mb: f64,
 }
 
-fn engine_round(model: &mut Model<Cpu>, opt: &mut Optimizer<Cpu>, batch: &Batch, weights: &[f32], steps: usize) -> Result<f64> {
+fn engine_round(
+    model: &mut Model<Cpu>,
+    opt: &mut Optimizer<Cpu>,
+    batch: &Batch,
+    weights: &[f32],
+    steps: usize,
+) -> Result<f64> {
     let be = Cpu;
     let mut grads = be.zeros(model.layout.total);
     let t0 = Instant::now();
@@ -145,7 +168,10 @@ fn torch_round(args: &TrainArgs, config_dir: &std::path::Path) -> Result<Side> {
 /// Runs `rlhf bench train`.
 pub fn train(args: &TrainArgs) -> Result<()> {
     let peak = sgemm_gflops(1024, 5);
-    println!("sgemm (gemm crate, 1024³, {} threads): {peak:.1} GFLOP/s", rayon::current_num_threads());
+    println!(
+        "sgemm (gemm crate, 1024³, {} threads): {peak:.1} GFLOP/s",
+        rayon::current_num_threads()
+    );
     println!(
         "{:<12} {:>14} {:>14} {:>7} {:>10} {:>12} {:>12}",
         "config", "engine tok/s", "torch tok/s", "ratio", "GFLOP/s", "engine MiB", "torch MiB"
@@ -158,33 +184,59 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         let mut opt = Optimizer::new(&be, OptimConfig::default(), layout.total);
         let mut rng = Rng::new(1);
         let rows: Vec<Vec<u32>> = (0..args.batch)
-            .map(|_| (0..args.seq).map(|_| 2 + rng.below(cfg.vocab_size - 2) as u32).collect())
+            .map(|_| {
+                (0..args.seq)
+                    .map(|_| 2 + rng.below(cfg.vocab_size - 2) as u32)
+                    .collect()
+            })
             .collect();
         let batch = Batch::new(&rows, 1, Pad::Right);
         let mut weights = vec![1.0f32; batch.n()];
-        weights.iter_mut().skip(args.seq - 1).step_by(args.seq).for_each(|w| *w = 0.0);
+        weights
+            .iter_mut()
+            .skip(args.seq - 1)
+            .step_by(args.seq)
+            .for_each(|w| *w = 0.0);
 
         let dir = tempdir_for(name)?;
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg.to_json())?)?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&cfg.to_json())?,
+        )?;
         engine_round(&mut model, &mut opt, &batch, &weights, 1)?; // warm-up
         let (mut ours, mut theirs): (f64, Option<Side>) = (0.0, None);
         for _ in 0..args.rounds {
-            ours = ours.max(engine_round(&mut model, &mut opt, &batch, &weights, args.steps)?);
+            ours = ours.max(engine_round(
+                &mut model, &mut opt, &batch, &weights, args.steps,
+            )?);
             if !args.no_torch {
                 let s = torch_round(args, &dir)?;
-                if theirs.as_ref().is_none_or(|t| s.tokens_per_s > t.tokens_per_s) {
+                if theirs
+                    .as_ref()
+                    .is_none_or(|t| s.tokens_per_s > t.tokens_per_s)
+                {
                     theirs = Some(s);
                 }
             }
         }
         let gflops = train_step_flops(&cfg, args.batch, args.seq) * ours / batch.n() as f64 / 1e9;
         let (t_tok, t_mem, ratio) = match &theirs {
-            Some(t) => (format!("{:.0}", t.tokens_per_s), format!("{:.0}", t.peak_rss_mb), format!("{:.2}x", ours / t.tokens_per_s)),
+            Some(t) => (
+                format!("{:.0}", t.tokens_per_s),
+                format!("{:.0}", t.peak_rss_mb),
+                format!("{:.2}x", ours / t.tokens_per_s),
+            ),
             None => ("-".into(), "-".into(), "-".into()),
         };
         println!(
             "{:<12} {:>14.0} {:>14} {:>7} {:>10.1} {:>12.0} {:>12}",
-            name, ours, t_tok, ratio, gflops, peak_rss_mb(), t_mem
+            name,
+            ours,
+            t_tok,
+            ratio,
+            gflops,
+            peak_rss_mb(),
+            t_mem
         );
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -389,7 +441,14 @@ fn bench_tokenizer(dir: &std::path::Path, v: usize) -> Result<()> {
     let specials = ["<|endoftext|>", "<|pad|>", "<|unk|>"];
     let letters = "abcdefghijklmnopqrstuvwxyz=".chars().map(String::from);
     let filler = (0..).map(|i| format!("<t{i}>"));
-    for (i, t) in specials.iter().map(|s| s.to_string()).chain(letters).chain(filler).take(v).enumerate() {
+    for (i, t) in specials
+        .iter()
+        .map(|s| s.to_string())
+        .chain(letters)
+        .chain(filler)
+        .take(v)
+        .enumerate()
+    {
         vocab.insert(t, json!(i));
     }
     let added: Vec<_> = specials
@@ -405,8 +464,14 @@ fn bench_tokenizer(dir: &std::path::Path, v: usize) -> Result<()> {
     });
     let config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
         "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>", "model_max_length": 256});
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string(&config)?)?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tokenizer)?,
+    )?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string(&config)?,
+    )?;
     Ok(())
 }
 
@@ -418,7 +483,10 @@ impl crate::reward::RewardSource for CountA {
         "count of 'a'".into()
     }
     fn score(&mut self, inputs: &[crate::reward::RewardInput<'_>]) -> crate::Result<Vec<f32>> {
-        Ok(inputs.iter().map(|i| i.completion.matches('a').count() as f32).collect())
+        Ok(inputs
+            .iter()
+            .map(|i| i.completion.matches('a').count() as f32)
+            .collect())
     }
 }
 
@@ -426,7 +494,11 @@ impl crate::reward::RewardSource for CountA {
 fn current_rss_mb() -> f64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse::<f64>().ok())
+        })
         .unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
@@ -435,13 +507,22 @@ fn current_rss_mb() -> f64 {
 
 /// One engine case of `rlhf bench grpo`, run in a child process of its own so that its peak
 /// memory is its own: GRPO on `config` with `beta`; prints the per-phase means as JSON.
-fn grpo_engine_case(args: &GrpoBenchArgs, beta: f32, dir: &std::path::Path) -> Result<serde_json::Value> {
+fn grpo_engine_case(
+    args: &GrpoBenchArgs,
+    beta: f32,
+    dir: &std::path::Path,
+) -> Result<serde_json::Value> {
     use crate::algo::grpo::{train as grpo_train, GrpoArgs};
     let idle = current_rss_mb();
     let be = Cpu;
     let model_dir = dir.join("model");
     let prompts: String = (0..args.prompts * (args.iterations + 1))
-        .map(|i| format!("{}\n", serde_json::json!({"prompt": &"abcdefgh"[..3 + i % 5]})))
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"prompt": &"abcdefgh"[..3 + i % 5]})
+            )
+        })
         .collect();
     let data = dir.join("prompts.jsonl");
     std::fs::write(&data, prompts)?;
@@ -462,8 +543,14 @@ fn grpo_engine_case(args: &GrpoBenchArgs, beta: f32, dir: &std::path::Path) -> R
     grpo_train(&be, &gargs, &mut CountA)?;
     // Per-step metrics, the warm-up step left out.
     let text = std::fs::read_to_string(dir.join(format!("run-{beta}/metrics.jsonl")))?;
-    let steps: Vec<serde_json::Value> = text.lines().skip(1).filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let mean = |k: &str| steps.iter().filter_map(|s| s[k].as_f64()).sum::<f64>() / steps.len().max(1) as f64;
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mean = |k: &str| {
+        steps.iter().filter_map(|s| s[k].as_f64()).sum::<f64>() / steps.len().max(1) as f64
+    };
     Ok(serde_json::json!({
         "generate_s": mean("time/generate_s"),
         "reward_s": mean("time/reward_s"),
@@ -488,7 +575,16 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
     );
     println!(
         "{:<12} {:>5} {:>11} {:>11} {:>7} {:>13} {:>12} {:>26} {:>10} {:>10}",
-        "config", "beta", "engine s/it", "trl s/it", "ratio", "rollout tok/s", "train tok/s", "gen/reward/ref/train %", "engine MiB", "trl MiB"
+        "config",
+        "beta",
+        "engine s/it",
+        "trl s/it",
+        "ratio",
+        "rollout tok/s",
+        "train tok/s",
+        "gen/reward/ref/train %",
+        "engine MiB",
+        "trl MiB"
     );
     let be = Cpu;
     for name in &args.configs {
@@ -502,17 +598,43 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
             bench_tokenizer(&model_dir, cfg.vocab_size)?;
             let me = std::env::current_exe()?;
             let out = Command::new(me)
-                .args(["bench", "grpo", "--configs", name, "--betas", &beta.to_string()])
-                .args(["--prompts", &args.prompts.to_string(), "--generations", &args.generations.to_string()])
-                .args(["--max-new-tokens", &args.max_new_tokens.to_string(), "--iterations", &args.iterations.to_string()])
+                .args([
+                    "bench",
+                    "grpo",
+                    "--configs",
+                    name,
+                    "--betas",
+                    &beta.to_string(),
+                ])
+                .args([
+                    "--prompts",
+                    &args.prompts.to_string(),
+                    "--generations",
+                    &args.generations.to_string(),
+                ])
+                .args([
+                    "--max-new-tokens",
+                    &args.max_new_tokens.to_string(),
+                    "--iterations",
+                    &args.iterations.to_string(),
+                ])
                 .arg("--engine-case")
                 .arg(&dir)
                 .output()?;
-            anyhow::ensure!(out.status.success(), "engine case failed: {}", String::from_utf8_lossy(&out.stderr));
+            anyhow::ensure!(
+                out.status.success(),
+                "engine case failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let e: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let phases = ["generate_s", "reward_s", "reference_s", "train_s"].map(|k| e[k].as_f64().unwrap_or(0.0));
+            let phases = ["generate_s", "reward_s", "reference_s", "train_s"]
+                .map(|k| e[k].as_f64().unwrap_or(0.0));
             let ours: f64 = phases.iter().sum();
-            let share = phases.iter().map(|p| format!("{:.0}", 100.0 * p / ours)).collect::<Vec<_>>().join("/");
+            let share = phases
+                .iter()
+                .map(|p| format!("{:.0}", 100.0 * p / ours))
+                .collect::<Vec<_>>()
+                .join("/");
             let trl = if args.no_trl {
                 None
             } else {
@@ -538,7 +660,14 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
             let (t_it, ratio, t_mem) = match &trl {
                 Some(v) => {
                     let it = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
-                    (format!("{it:.3}"), format!("{:.1}x", it / ours), format!("{:.0}", v["peak_rss_growth_mb"].as_f64().unwrap_or(f64::NAN)))
+                    (
+                        format!("{it:.3}"),
+                        format!("{:.1}x", it / ours),
+                        format!(
+                            "{:.0}",
+                            v["peak_rss_growth_mb"].as_f64().unwrap_or(f64::NAN)
+                        ),
+                    )
                 }
                 None => ("-".into(), "-".into(), "-".into()),
             };

@@ -12,9 +12,9 @@ use crate::backend::DecodeOps;
 use crate::checkpoint::check_new_run_dir;
 use crate::data::read_jsonl;
 use crate::model::config::BUILTIN;
+use crate::model::generate::{generate, SamplingConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::write_atomic;
-use crate::model::generate::{generate, SamplingConfig};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -218,7 +218,10 @@ pub fn show_samples<B: DecodeOps>(
     tok: &Tokenizer,
     eval: &[Pair],
 ) -> Result<()> {
-    let prompts = eval.iter().map(|(p, _)| tok.encode(p, true)).collect::<Result<Vec<_>>>()?;
+    let prompts = eval
+        .iter()
+        .map(|(p, _)| tok.encode(p, true))
+        .collect::<Result<Vec<_>>>()?;
     let cfg = SamplingConfig {
         max_new_tokens: LENGTHS.1 + 2,
         temperature: 0.0,

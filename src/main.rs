@@ -7,7 +7,11 @@ use rlhf::model::{Batch, Model, Pad};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "Single-node RLHF training engine (SFT, reward model, PPO, GRPO, DPO)")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Single-node RLHF training engine (SFT, reward model, PPO, GRPO, DPO)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -82,9 +86,14 @@ fn logprobs(model_dir: &std::path::Path, input: &std::path::Path) -> Result<()> 
     struct Input {
         input_ids: Vec<Vec<u32>>,
     }
-    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    let inp: Input = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected JSON {{\"input_ids\": [[...], ...]}}", input.display()))?;
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let inp: Input = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected JSON {{\"input_ids\": [[...], ...]}}",
+            input.display()
+        )
+    })?;
     if let Some(r) = inp.input_ids.iter().position(Vec::is_empty) {
         bail!("{}: row {r} of input_ids is empty", input.display());
     }

@@ -52,7 +52,14 @@ impl<B: ModelOps> Optimizer<B> {
     /// Clips `grads` to the configured global norm and applies one AdamW update at learning rate
     /// `lr`. Weight decay skips biases and norm weights (as HF's Trainer does). Returns the
     /// gradient norm before clipping.
-    pub fn update(&mut self, be: &B, layout: &Layout, params: &mut B::Buf, grads: &mut B::Buf, lr: f32) -> f32 {
+    pub fn update(
+        &mut self,
+        be: &B,
+        layout: &Layout,
+        params: &mut B::Buf,
+        grads: &mut B::Buf,
+        lr: f32,
+    ) -> f32 {
         let norm = grad_norm(be, grads);
         if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
             // PyTorch's clip_grad_norm_ adds 1e-6 to the norm.

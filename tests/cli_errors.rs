@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/models")
+        .join(name)
 }
 
 /// A writable copy of a fixture model directory.
@@ -44,7 +46,10 @@ fn rewrite(path: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
     let mut kept = Vec::new();
     for (name, view) in st.tensors() {
         if let Some(shape) = edit(&name, view.shape().to_vec()) {
-            kept.push((name, safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap()));
+            kept.push((
+                name,
+                safetensors::tensor::TensorView::new(view.dtype(), shape, view.data()).unwrap(),
+            ));
         }
     }
     let out = safetensors::serialize(kept, None).unwrap();
@@ -54,21 +59,35 @@ fn rewrite(path: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
 #[test]
 fn missing_tensor_is_named() {
     let dir = copy_model("llama");
-    rewrite(&dir.path().join("model.safetensors"), |n, s| (n != "model.layers.1.mlp.up_proj.weight").then_some(s));
+    rewrite(&dir.path().join("model.safetensors"), |n, s| {
+        (n != "model.layers.1.mlp.up_proj.weight").then_some(s)
+    });
     let (ok, err) = logprobs(dir.path(), ROW);
     assert!(!ok);
-    assert!(err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{err}");
+    assert!(
+        err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn shape_mismatch_says_expected_and_found() {
     let dir = copy_model("llama");
     rewrite(&dir.path().join("model.safetensors"), |n, s| {
-        Some(if n == "model.layers.0.self_attn.k_proj.weight" { vec![s[1], s[0]] } else { s })
+        Some(if n == "model.layers.0.self_attn.k_proj.weight" {
+            vec![s[1], s[0]]
+        } else {
+            s
+        })
     });
     let (ok, err) = logprobs(dir.path(), ROW);
     assert!(!ok);
-    assert!(err.contains("`model.layers.0.self_attn.k_proj.weight` has shape [64, 32], expected [32, 64]"), "{err}");
+    assert!(
+        err.contains(
+            "`model.layers.0.self_attn.k_proj.weight` has shape [64, 32], expected [32, 64]"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -79,7 +98,10 @@ fn truncated_safetensors_is_reported() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, err) = logprobs(dir.path(), ROW);
     assert!(!ok);
-    assert!(err.contains("corrupt or truncated safetensors file"), "{err}");
+    assert!(
+        err.contains("corrupt or truncated safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,12 +109,23 @@ fn unsupported_architecture_and_rope_scaling_are_refused() {
     let dir = copy_model("llama");
     let cfg_path = dir.path().join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba\""),
+    )
+    .unwrap();
     let (ok, err) = logprobs(dir.path(), ROW);
     assert!(!ok);
-    assert!(err.contains("unsupported model: model_type `mamba`"), "{err}");
+    assert!(
+        err.contains("unsupported model: model_type `mamba`"),
+        "{err}"
+    );
 
-    std::fs::write(&cfg_path, cfg.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""),
+    )
+    .unwrap();
     let (ok, err) = logprobs(dir.path(), ROW);
     assert!(!ok);
     assert!(err.contains("rope_type `yarn`"), "{err}");
@@ -106,7 +139,10 @@ fn bad_input_files_are_reported() {
     let (ok, err) = logprobs(&fixture("gpt2"), r#"{"input_ids": [[3, 4], []]}"#);
     assert!(!ok);
     assert!(err.contains("row 1 of input_ids is empty"), "{err}");
-    let (ok, err) = logprobs(&fixture("gpt2"), &format!("{{\"input_ids\": [{:?}]}}", vec![5u32; 129]));
+    let (ok, err) = logprobs(
+        &fixture("gpt2"),
+        &format!("{{\"input_ids\": [{:?}]}}", vec![5u32; 129]),
+    );
     assert!(!ok);
     assert!(err.contains("exceeds the model's 128 positions"), "{err}");
     let (ok, err) = logprobs(Path::new("/nonexistent/model"), ROW);
@@ -126,7 +162,11 @@ fn trainers_name_the_bad_line() {
     )
     .unwrap();
     let sft = tmp.path().join("sft.jsonl");
-    std::fs::write(&sft, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"\n").unwrap();
+    std::fs::write(
+        &sft,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"\n",
+    )
+    .unwrap();
     let cases = [
         ("rm", &prefs, "prefs.jsonl:2: missing \"rejected\""),
         ("dpo", &prefs, "prefs.jsonl:2: missing \"rejected\""),

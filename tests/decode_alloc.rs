@@ -30,16 +30,25 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/models")
+        .join(name)
 }
 
 fn prompts() -> Vec<Vec<u32>> {
     let mut rng = Rng::new(2);
-    [7usize, 3, 12, 1].iter().map(|&n| (0..n).map(|_| 2 + rng.below(500) as u32).collect()).collect()
+    [7usize, 3, 12, 1]
+        .iter()
+        .map(|&n| (0..n).map(|_| 2 + rng.below(500) as u32).collect())
+        .collect()
 }
 
 fn greedy(n: usize) -> SamplingConfig {
-    SamplingConfig { max_new_tokens: n, temperature: 0.0, ..Default::default() }
+    SamplingConfig {
+        max_new_tokens: n,
+        temperature: 0.0,
+        ..Default::default()
+    }
 }
 
 /// Allocation count of a whole generation does not grow with the number of decode steps: the
@@ -50,7 +59,13 @@ fn decode_loop_does_not_allocate() {
     for name in ["gpt2", "llama"] {
         let model = Model::load(&be, &fixture(name)).unwrap();
         let ps = prompts();
-        let sampled = |n| SamplingConfig { max_new_tokens: n, temperature: 0.9, top_k: 40, top_p: 0.95, ..Default::default() };
+        let sampled = |n| SamplingConfig {
+            max_new_tokens: n,
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            ..Default::default()
+        };
         let count = |cfg: &SamplingConfig| {
             let before = ALLOCS.load(Ordering::SeqCst);
             generate(&be, &model, &ps, cfg, None, &mut Rng::new(1)).unwrap();
@@ -61,10 +76,17 @@ fn decode_loop_does_not_allocate() {
         count(&greedy(40));
         for cfg in [greedy(4), sampled(4)] {
             let short = count(&cfg);
-            let long = count(&SamplingConfig { max_new_tokens: 40, ..cfg.clone() });
+            let long = count(&SamplingConfig {
+                max_new_tokens: 40,
+                ..cfg.clone()
+            });
             // Setup may differ by an allocation either way (cache sizes, when a worker wakes);
             // 36 more steps must add none.
-            assert!(long <= short, "{name}: 36 more decode steps made {} more allocations", long - short);
+            assert!(
+                long <= short,
+                "{name}: 36 more decode steps made {} more allocations",
+                long - short
+            );
         }
     }
 }

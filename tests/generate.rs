@@ -9,16 +9,25 @@ use rlhf::rng::Rng;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/models")
+        .join(name)
 }
 
 fn prompts() -> Vec<Vec<u32>> {
     let mut rng = Rng::new(2);
-    [7usize, 3, 12, 1].iter().map(|&n| (0..n).map(|_| 2 + rng.below(500) as u32).collect()).collect()
+    [7usize, 3, 12, 1]
+        .iter()
+        .map(|&n| (0..n).map(|_| 2 + rng.below(500) as u32).collect())
+        .collect()
 }
 
 fn greedy(n: usize) -> SamplingConfig {
-    SamplingConfig { max_new_tokens: n, temperature: 0.0, ..Default::default() }
+    SamplingConfig {
+        max_new_tokens: n,
+        temperature: 0.0,
+        ..Default::default()
+    }
 }
 
 /// Greedy decoding by re-running the whole prefix every step, without a cache.
@@ -31,7 +40,10 @@ fn greedy_recompute(model: &Model<Cpu>, prompt: &[u32], n: usize) -> Vec<u32> {
         let logits = model.logits(&be, &acts.hidden, batch.n());
         let v = model.cfg.vocab_size;
         let last = &logits[(seq.len() - 1) * v..seq.len() * v];
-        let id = last.iter().enumerate().fold(0, |b, (i, &x)| if x > last[b] { i } else { b });
+        let id = last
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &x)| if x > last[b] { i } else { b });
         seq.push(id as u32);
     }
     seq[prompt.len()..].to_vec()
@@ -43,7 +55,9 @@ fn teacher_forced(model: &Model<Cpu>, prompt: &[u32], completion: &[u32], t: f32
     let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
     let batch = Batch::new(std::slice::from_ref(&seq), 1, Pad::Right);
     let acts = model.forward(&be, &batch).unwrap();
-    let (lp, _) = model.head_logprobs(&be, &acts.hidden, &shifted_targets(&batch), t, false, 64).unwrap();
+    let (lp, _) = model
+        .head_logprobs(&be, &acts.hidden, &shifted_targets(&batch), t, false, 64)
+        .unwrap();
     lp[prompt.len() - 1..seq.len() - 1].to_vec()
 }
 
@@ -55,7 +69,11 @@ fn kv_cache_matches_recomputing_the_prefix() {
         let ps = prompts();
         let got = generate(&be, &model, &ps, &greedy(20), None, &mut Rng::new(0)).unwrap();
         for (p, c) in ps.iter().zip(&got) {
-            assert_eq!(c.tokens, greedy_recompute(&model, p, 20), "{name}: cached and recomputed decoding differ");
+            assert_eq!(
+                c.tokens,
+                greedy_recompute(&model, p, 20),
+                "{name}: cached and recomputed decoding differ"
+            );
         }
     }
 }
@@ -73,18 +91,39 @@ fn batch_rows_equal_rows_alone_and_logprobs_match_forward() {
         let ps = prompts();
         for cfg in [
             greedy(16),
-            SamplingConfig { max_new_tokens: 16, temperature: 0.7, top_k: 50, top_p: 0.9, ..Default::default() },
+            SamplingConfig {
+                max_new_tokens: 16,
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.9,
+                ..Default::default()
+            },
         ] {
             let batched = generate(&be, &model, &ps, &cfg, None, &mut Rng::new(5)).unwrap();
             for (p, c) in ps.iter().zip(&batched) {
-                let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
+                let t = if cfg.temperature > 0.0 {
+                    cfg.temperature
+                } else {
+                    1.0
+                };
                 let tf = teacher_forced(&model, p, &c.tokens, t);
                 for (a, b) in c.logprobs.iter().zip(&tf) {
                     assert!((a - b).abs() < TOL, "{name}: recorded {a} vs forward {b}");
                 }
                 if cfg.temperature == 0.0 {
-                    let alone = generate(&be, &model, std::slice::from_ref(p), &cfg, None, &mut Rng::new(5)).unwrap();
-                    assert_eq!(alone[0].tokens, c.tokens, "{name}: batched row differs from the row alone");
+                    let alone = generate(
+                        &be,
+                        &model,
+                        std::slice::from_ref(p),
+                        &cfg,
+                        None,
+                        &mut Rng::new(5),
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        alone[0].tokens, c.tokens,
+                        "{name}: batched row differs from the row alone"
+                    );
                 }
             }
         }
@@ -99,8 +138,12 @@ fn stops_at_eos_and_reports_why() {
     let free = generate(&be, &model, &ps, &greedy(12), None, &mut Rng::new(0)).unwrap();
     // Declare the 3rd greedy token of row 0 an EOS id: row 0 must stop right there.
     let eos = free[0].tokens[2];
-    let cfg = SamplingConfig { eos_token_ids: vec![eos], ..greedy(12) };
-    let stopped: Vec<Completion> = generate(&be, &model, &ps, &cfg, None, &mut Rng::new(0)).unwrap();
+    let cfg = SamplingConfig {
+        eos_token_ids: vec![eos],
+        ..greedy(12)
+    };
+    let stopped: Vec<Completion> =
+        generate(&be, &model, &ps, &cfg, None, &mut Rng::new(0)).unwrap();
     let first = free[0].tokens.iter().position(|&t| t == eos).unwrap();
     assert_eq!(stopped[0].tokens, free[0].tokens[..=first]);
     assert_eq!(stopped[0].finish, Finish::Eos);
@@ -115,6 +158,18 @@ fn stops_at_eos_and_reports_why() {
 fn learned_positions_limit_is_a_clear_error() {
     let be = Cpu;
     let model = Model::load(&be, &fixture("gpt2")).unwrap();
-    let err = generate(&be, &model, &[vec![5; 100]], &greedy(40), None, &mut Rng::new(0)).unwrap_err();
-    assert!(err.to_string().contains("exceeds the model's 128 positions"), "{err}");
+    let err = generate(
+        &be,
+        &model,
+        &[vec![5; 100]],
+        &greedy(40),
+        None,
+        &mut Rng::new(0),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("exceeds the model's 128 positions"),
+        "{err}"
+    );
 }

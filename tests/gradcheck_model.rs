@@ -14,14 +14,20 @@ use rlhf::rng::Rng;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/models")
+        .join(name)
 }
 
 /// The model is f32 and the loss sums ~40 terms of magnitude ~5, so rounding noise in the loss is
 /// ~1e-5; divided by the 2e-2 step that is ~1e-3 in a numerical derivative. Gradients are
 /// O(0.1..1), so 3e-3 absolute plus 2% relative separates noise from a wrong backward (a flipped
 /// sign or a missing term changes an element by 100%).
-const TOL: Tol = Tol { step: 2e-2, abs: 3e-3, rel: 2e-2 };
+const TOL: Tol = Tol {
+    step: 2e-2,
+    abs: 3e-3,
+    rel: 2e-2,
+};
 
 fn batch() -> Batch {
     let mut rng = Rng::new(7);
@@ -42,7 +48,9 @@ fn sample_coords(layout: &Layout, per_tensor: usize, rng: &mut Rng) -> Vec<usize
             let picks: Vec<usize> = if len <= per_tensor {
                 p.range.clone().collect()
             } else {
-                (0..per_tensor).map(|_| p.range.start + rng.below(len)).collect()
+                (0..per_tensor)
+                    .map(|_| p.range.start + rng.below(len))
+                    .collect()
             };
             picks
         })
@@ -50,16 +58,31 @@ fn sample_coords(layout: &Layout, per_tensor: usize, rng: &mut Rng) -> Vec<usize
 }
 
 /// `L = Σ_real r·logp + Σ_real s·entropy` at temperature 0.7, and its analytic gradient.
-fn lm_loss_and_grad(cfg: &Config, params: &[f32], batch: &Batch, r: &[f32], s: &[f32]) -> (f64, Vec<f32>) {
+fn lm_loss_and_grad(
+    cfg: &Config,
+    params: &[f32],
+    batch: &Batch,
+    r: &[f32],
+    s: &[f32],
+) -> (f64, Vec<f32>) {
     let be = Cpu;
     let model = Model::new(&be, cfg.clone(), params).unwrap();
     let acts = model.forward(&be, batch).unwrap();
     let targets = shifted_targets(batch);
-    let (logp, ent) = model.head_logprobs(&be, &acts.hidden, &targets, 0.7, true, 5).unwrap();
+    let (logp, ent) = model
+        .head_logprobs(&be, &acts.hidden, &targets, 0.7, true, 5)
+        .unwrap();
     let ent = ent.unwrap();
-    let loss = logp.iter().zip(r).chain(ent.iter().zip(s)).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+    let loss = logp
+        .iter()
+        .zip(r)
+        .chain(ent.iter().zip(s))
+        .map(|(a, b)| (*a as f64) * (*b as f64))
+        .sum();
     let mut grads = be.zeros(model.layout.total);
-    let dh = model.head_logprobs_backward(&be, &acts.hidden, &targets, 0.7, r, Some(s), 5, &mut grads).unwrap();
+    let dh = model
+        .head_logprobs_backward(&be, &acts.hidden, &targets, 0.7, r, Some(s), 5, &mut grads)
+        .unwrap();
     model.backward(&be, &acts, &dh, &mut grads);
     (loss, grads)
 }
@@ -85,7 +108,10 @@ fn check_lm(name: &str) {
     let batch = batch();
     let mut rng = Rng::new(3);
     let r = position_weights(&batch, &mut rng);
-    let s: Vec<f32> = position_weights(&batch, &mut rng).iter().map(|x| 0.3 * x).collect();
+    let s: Vec<f32> = position_weights(&batch, &mut rng)
+        .iter()
+        .map(|x| 0.3 * x)
+        .collect();
     let (_, analytic) = lm_loss_and_grad(&cfg, &params, &batch, &r, &s);
     let coords = sample_coords(&model.layout, 6, &mut rng);
     let f = |p: &[f32]| lm_loss_and_grad(&cfg, p, &batch, &r, &s).0;
@@ -115,19 +141,32 @@ fn qwen2_model_gradient() {
 fn score_head_gradient() {
     let be = Cpu;
     for name in ["gpt2-tiny", "llama-tiny"] {
-        let cfg = Config { head: Head::Score, ..Config::builtin(name, 512).unwrap() };
+        let cfg = Config {
+            head: Head::Score,
+            ..Config::builtin(name, 512).unwrap()
+        };
         let layout = Layout::new(&cfg);
         let params = random_params(&layout, 0.1, 11);
         let batch = batch();
         let mut rng = Rng::new(5);
-        let r: Vec<f32> = batch.mask.iter().map(|&m| if m { rng.normal() as f32 } else { 0.0 }).collect();
+        let r: Vec<f32> = batch
+            .mask
+            .iter()
+            .map(|&m| if m { rng.normal() as f32 } else { 0.0 })
+            .collect();
         let loss_and_grad = |p: &[f32]| {
             let model = Model::new(&be, cfg.clone(), p).unwrap();
             let acts = model.forward(&be, &batch).unwrap();
             let values = model.values(&be, &acts.hidden, batch.n()).unwrap();
-            let loss: f64 = values.iter().zip(&r).map(|(v, r)| (*v as f64) * (*r as f64)).sum();
+            let loss: f64 = values
+                .iter()
+                .zip(&r)
+                .map(|(v, r)| (*v as f64) * (*r as f64))
+                .sum();
             let mut grads = be.zeros(layout.total);
-            let dh = model.values_backward(&be, &acts.hidden, &r, batch.n(), &mut grads).unwrap();
+            let dh = model
+                .values_backward(&be, &acts.hidden, &r, batch.n(), &mut grads)
+                .unwrap();
             model.backward(&be, &acts, &dh, &mut grads);
             (loss, grads)
         };

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/models")
+        .join(name)
 }
 
 struct Reference {
@@ -26,7 +28,10 @@ fn reference(name: &str) -> Reference {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let f32s = |n: &str| -> Vec<f32> {
         let t = st.tensor(n).unwrap();
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
     let ids_t = st.tensor("input_ids").unwrap();
     let (b, t) = (ids_t.shape()[0], ids_t.shape()[1]);
@@ -44,7 +49,10 @@ fn reference(name: &str) -> Reference {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check_family(name: &str) {
@@ -64,10 +72,17 @@ fn check_family(name: &str) {
     // Chunking the LM head over rows changes nothing but the summation order (a chunk of a few
     // rows takes the skinny matmul, a large one gemm): agreement to a few f32 ulps.
     let targets = shifted_targets(&batch);
-    let (chunked, _) = model.head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 3).unwrap();
-    let (whole, _) = model.head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 4096).unwrap();
+    let (chunked, _) = model
+        .head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 3)
+        .unwrap();
+    let (whole, _) = model
+        .head_logprobs(&be, &acts.hidden, &targets, 1.0, false, 4096)
+        .unwrap();
     let d = max_abs_diff(&chunked, &whole);
-    assert!(d < 1e-5, "{name}: row chunking changed the log-probs by {d}");
+    assert!(
+        d < 1e-5,
+        "{name}: row chunking changed the log-probs by {d}"
+    );
 }
 
 #[test]
@@ -93,15 +108,27 @@ fn padded_rows_match_rows_alone() {
     for name in ["gpt2", "llama", "qwen2"] {
         let model = Model::load(&be, &fixture(name)).unwrap();
         let full = &reference(name).ids[0];
-        let rows = vec![full[..16].to_vec(), full[..5].to_vec(), full[3..12].to_vec(), full[..2].to_vec()];
+        let rows = vec![
+            full[..16].to_vec(),
+            full[..5].to_vec(),
+            full[3..12].to_vec(),
+            full[..2].to_vec(),
+        ];
         for side in [Pad::Right, Pad::Left] {
-            let batched = model.next_token_logprobs(&be, &Batch::new(&rows, 1, side)).unwrap();
+            let batched = model
+                .next_token_logprobs(&be, &Batch::new(&rows, 1, side))
+                .unwrap();
             for (row, got) in rows.iter().zip(&batched) {
-                let alone = model.next_token_logprobs(&be, &Batch::new(std::slice::from_ref(row), 1, Pad::Right)).unwrap();
+                let alone = model
+                    .next_token_logprobs(&be, &Batch::new(std::slice::from_ref(row), 1, Pad::Right))
+                    .unwrap();
                 assert_eq!(got.len(), row.len() - 1);
                 let d = max_abs_diff(got, &alone[0]);
                 // Same math, different padding: only summation order may differ.
-                assert!(d < 1e-5, "{name} {side:?}: padded row differs from the row alone by {d}");
+                assert!(
+                    d < 1e-5,
+                    "{name} {side:?}: padded row differs from the row alone by {d}"
+                );
             }
         }
     }
@@ -113,7 +140,11 @@ fn cli_logprobs_matches_transformers() {
         let r = reference(name);
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.json");
-        std::fs::write(&input, serde_json::json!({ "input_ids": r.ids }).to_string()).unwrap();
+        std::fs::write(
+            &input,
+            serde_json::json!({ "input_ids": r.ids }).to_string(),
+        )
+        .unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
             .args(["logprobs", "--model"])
             .arg(fixture(name))
@@ -121,16 +152,28 @@ fn cli_logprobs_matches_transformers() {
             .arg(&input)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let lp: Vec<f32> = v["logprobs"]
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
             .collect();
         let d = max_abs_diff(&lp, &r.logprobs);
-        assert!(d < TOL, "{name}: rlhf logprobs differs from transformers by {d}");
+        assert!(
+            d < TOL,
+            "{name}: rlhf logprobs differs from transformers by {d}"
+        );
     }
 }
 
@@ -148,5 +191,8 @@ fn cli_rejects_token_beyond_vocabulary() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("token id 512 is out of range: the model's embedding has 512 rows"), "{err}");
+    assert!(
+        err.contains("token id 512 is out of range: the model's embedding has 512 rows"),
+        "{err}"
+    );
 }

@@ -1,7 +1,7 @@
 //! The training objectives: each a loss and a loop.
 
+pub mod dpo;
 pub mod grpo;
 pub mod ppo;
-pub mod sft;
 pub mod reward;
-pub mod dpo;
+pub mod sft;

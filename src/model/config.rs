@@ -118,7 +118,10 @@ impl Config {
             .as_array()
             .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
             .unwrap_or_default();
-        let head = if archs.iter().any(|a| a.ends_with("ForSequenceClassification")) {
+        let head = if archs
+            .iter()
+            .any(|a| a.ends_with("ForSequenceClassification"))
+        {
             let labels = v
                 .get("num_labels")
                 .and_then(Value::as_u64)
@@ -130,7 +133,11 @@ impl Config {
                 )));
             }
             Head::Score
-        } else if archs.is_empty() || archs.iter().any(|a| a.ends_with("LMHeadModel") || a.ends_with("ForCausalLM")) {
+        } else if archs.is_empty()
+            || archs
+                .iter()
+                .any(|a| a.ends_with("LMHeadModel") || a.ends_with("ForCausalLM"))
+        {
             Head::Lm
         } else {
             return Err(Error::Unsupported(format!("architecture {archs:?}")));
@@ -138,7 +145,10 @@ impl Config {
         let ids = |key: &str| -> Vec<u32> {
             match &v[key] {
                 Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as u32))
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -195,7 +205,9 @@ impl Config {
                 let n_head = req(v, "num_attention_heads")?;
                 let act = v["hidden_act"].as_str().unwrap_or("silu");
                 if act != "silu" {
-                    return Err(Error::Unsupported(format!("hidden_act `{act}` (only silu)")));
+                    return Err(Error::Unsupported(format!(
+                        "hidden_act `{act}` (only silu)"
+                    )));
                 }
                 let theta = rope_theta(v)?;
                 let attention_bias = v["attention_bias"].as_bool().unwrap_or(false);
@@ -217,7 +229,10 @@ impl Config {
                         .as_u64()
                         .map(|x| x as usize)
                         .unwrap_or(n_head),
-                    head_dim: v["head_dim"].as_u64().map(|x| x as usize).unwrap_or(c / n_head),
+                    head_dim: v["head_dim"]
+                        .as_u64()
+                        .map(|x| x as usize)
+                        .unwrap_or(c / n_head),
                     intermediate_size: req(v, "intermediate_size")?,
                     max_position: req(v, "max_position_embeddings")?,
                     norm: Norm::RmsNorm,
@@ -248,7 +263,10 @@ impl Config {
             ));
         }
         if self.head_dim == 0 || (matches!(self.pos, Pos::Rope { .. }) && self.head_dim % 2 != 0) {
-            return bad(format!("head_dim {} must be positive (and even with RoPE)", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be positive (and even with RoPE)",
+                self.head_dim
+            ));
         }
         if self.family == Family::Gpt2 && self.hidden_size != self.n_head * self.head_dim {
             return bad(format!(

@@ -281,7 +281,10 @@ pub fn eos_ids(dir: &std::path::Path, cfg: &super::Config, tok: &Tokenizer) -> V
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .map(|v| match &v["eos_token_id"] {
             serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         })
         .unwrap_or_default();
@@ -303,7 +306,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let model = Model::load(&be, &args.model)?;
     let tok = Tokenizer::load(&args.model)?;
     let texts: Vec<String> = match &args.prompts {
-        Some(path) => crate::data::read_prompts(path)?.into_iter().map(|p| p.prompt).collect(),
+        Some(path) => crate::data::read_prompts(path)?
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect(),
         None => args.prompt.clone(),
     };
     let cfg = SamplingConfig {
@@ -319,10 +325,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     let mut rng = Rng::new(args.seed);
-    let jobs: Vec<&String> = texts.iter().flat_map(|t| std::iter::repeat_n(t, args.num_samples.max(1))).collect();
+    let jobs: Vec<&String> = texts
+        .iter()
+        .flat_map(|t| std::iter::repeat_n(t, args.num_samples.max(1)))
+        .collect();
     for chunk in jobs.chunks(args.batch_size.max(1)) {
-        let ids = chunk.iter().map(|t| tok.encode(t, true)).collect::<Result<Vec<_>>>()?;
-        for (text, c) in chunk.iter().zip(generate(&be, &model, &ids, &cfg, Some(&tok), &mut rng)?) {
+        let ids = chunk
+            .iter()
+            .map(|t| tok.encode(t, true))
+            .collect::<Result<Vec<_>>>()?;
+        for (text, c) in chunk
+            .iter()
+            .zip(generate(&be, &model, &ids, &cfg, Some(&tok), &mut rng)?)
+        {
             let line = serde_json::json!({
                 "prompt": text,
                 "completion": tok.decode(&c.tokens, true)?,

@@ -120,7 +120,10 @@ impl Layout {
         let lnf_b = b.add_if(ln_bias, "lnf_b".into(), vec![c]);
         let (lm_head, score) = match cfg.head {
             Head::Lm if cfg.tie_embeddings => (None, None),
-            Head::Lm => (Some(b.add("lm_head".into(), vec![cfg.vocab_size, c], true)), None),
+            Head::Lm => (
+                Some(b.add("lm_head".into(), vec![cfg.vocab_size, c], true)),
+                None,
+            ),
             Head::Score => (None, Some(b.add("score".into(), vec![1, c], true))),
         };
         Layout {

@@ -24,7 +24,8 @@ pub fn random_params(layout: &Layout, std: f32, seed: u64) -> Vec<f32> {
     for p in &layout.params {
         let dst = &mut params[p.range.clone()];
         if p.shape.len() == 2 {
-            dst.iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32);
+            dst.iter_mut()
+                .for_each(|x| *x = (rng.normal() * std as f64) as f32);
         } else if p.name.ends_with("_w") {
             dst.fill(1.0);
         }

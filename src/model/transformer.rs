@@ -357,7 +357,13 @@ impl<B: ModelOps> Model<B> {
         let l = &self.layout;
 
         let mut x = be.zeros(n * c);
-        be.embedding_forward(be.all_mut(&mut x), self.p(be, &l.embed), &batch.ids, c, false);
+        be.embedding_forward(
+            be.all_mut(&mut x),
+            self.p(be, &l.embed),
+            &batch.ids,
+            c,
+            false,
+        );
         if let Some(pe) = &l.pos_embed {
             be.embedding_forward(be.all_mut(&mut x), self.p(be, pe), &batch.pos, c, true);
         }
@@ -365,19 +371,43 @@ impl<B: ModelOps> Model<B> {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for bp in &l.blocks {
             let (mut ln1, mut ln1_mean, mut ln1_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
-            self.norm_forward(be, &mut ln1, &mut ln1_mean, &mut ln1_rstd, &x, &bp.ln1_w, &bp.ln1_b, n);
+            self.norm_forward(
+                be,
+                &mut ln1,
+                &mut ln1_mean,
+                &mut ln1_rstd,
+                &x,
+                &bp.ln1_w,
+                &bp.ln1_b,
+                n,
+            );
             let mut qkv = self.linear(be, &ln1, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
             if let Some(theta) = self.rope_theta() {
                 be.rope_forward(be.all_mut(&mut qkv), &batch.pos, shape, theta);
             }
             let (mut att, mut lse) = (be.zeros(n * a), be.zeros(batch.b * cfg.n_head * batch.t));
-            be.attention_forward(be.all_mut(&mut att), be.all_mut(&mut lse), be.all(&qkv), &batch.mask, shape);
+            be.attention_forward(
+                be.all_mut(&mut att),
+                be.all_mut(&mut lse),
+                be.all(&qkv),
+                &batch.mask,
+                shape,
+            );
             let o = self.linear(be, &att, &bp.o_w, &bp.o_b, n, a, c);
             let mut x_mid = be.zeros(n * c);
             be.add(be.all_mut(&mut x_mid), be.all(&x), be.all(&o));
 
             let (mut ln2, mut ln2_mean, mut ln2_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
-            self.norm_forward(be, &mut ln2, &mut ln2_mean, &mut ln2_rstd, &x_mid, &bp.ln2_w, &bp.ln2_b, n);
+            self.norm_forward(
+                be,
+                &mut ln2,
+                &mut ln2_mean,
+                &mut ln2_rstd,
+                &x_mid,
+                &bp.ln2_w,
+                &bp.ln2_b,
+                n,
+            );
             let fc = self.linear(be, &ln2, &bp.fc_w, &bp.fc_b, n, c, f);
             let mut act = be.zeros(n * i);
             match cfg.act {
@@ -406,7 +436,16 @@ impl<B: ModelOps> Model<B> {
             x = x_next;
         }
         let (mut hidden, mut lnf_mean, mut lnf_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
-        self.norm_forward(be, &mut hidden, &mut lnf_mean, &mut lnf_rstd, &x, &l.lnf_w, &l.lnf_b, n);
+        self.norm_forward(
+            be,
+            &mut hidden,
+            &mut lnf_mean,
+            &mut lnf_rstd,
+            &x,
+            &l.lnf_w,
+            &l.lnf_b,
+            n,
+        );
         Ok(Activations {
             blocks,
             x_out: x,
@@ -430,19 +469,44 @@ impl<B: ModelOps> Model<B> {
 
         // dx: gradient w.r.t. the residual stream, flowing down through the blocks.
         let mut dx = be.zeros(n * c);
-        self.norm_backward(be, grads, &mut dx, dhidden, &acts.x_out, &acts.lnf_mean, &acts.lnf_rstd, &l.lnf_w, &l.lnf_b, n);
+        self.norm_backward(
+            be,
+            grads,
+            &mut dx,
+            dhidden,
+            &acts.x_out,
+            &acts.lnf_mean,
+            &acts.lnf_rstd,
+            &l.lnf_w,
+            &l.lnf_b,
+            n,
+        );
 
         for (bp, s) in l.blocks.iter().zip(&acts.blocks).rev() {
             // MLP: x_next = x_mid + proj(act(fc(ln2(x_mid)))).
-            let dact = self.linear_backward(be, grads, &dx, &s.act, &bp.proj_w, &bp.proj_b, n, i, c);
+            let dact =
+                self.linear_backward(be, grads, &dx, &s.act, &bp.proj_w, &bp.proj_b, n, i, c);
             let mut dfc = be.zeros(n * f);
             match cfg.act {
                 Act::Gelu => be.gelu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact)),
-                Act::SwiGlu => be.swiglu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact), n, i),
+                Act::SwiGlu => {
+                    be.swiglu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact), n, i)
+                }
             }
             let dln2 = self.linear_backward(be, grads, &dfc, &s.ln2, &bp.fc_w, &bp.fc_b, n, c, f);
             // dx now stands for d x_mid: the residual path plus the norm's contribution.
-            self.norm_backward(be, grads, &mut dx, &dln2, &s.x_mid, &s.ln2_mean, &s.ln2_rstd, &bp.ln2_w, &bp.ln2_b, n);
+            self.norm_backward(
+                be,
+                grads,
+                &mut dx,
+                &dln2,
+                &s.x_mid,
+                &s.ln2_mean,
+                &s.ln2_rstd,
+                &bp.ln2_w,
+                &bp.ln2_b,
+                n,
+            );
 
             // Attention: x_mid = x + o(attn(rope(qkv(ln1(x))))).
             let datt = self.linear_backward(be, grads, &dx, &s.att, &bp.o_w, &bp.o_b, n, a, c);
@@ -459,11 +523,28 @@ impl<B: ModelOps> Model<B> {
             if let Some(theta) = self.rope_theta() {
                 be.rope_backward(be.all_mut(&mut dqkv), &batch.pos, shape, theta);
             }
-            let dln1 = self.linear_backward(be, grads, &dqkv, &s.ln1, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
-            self.norm_backward(be, grads, &mut dx, &dln1, &s.x, &s.ln1_mean, &s.ln1_rstd, &bp.ln1_w, &bp.ln1_b, n);
+            let dln1 =
+                self.linear_backward(be, grads, &dqkv, &s.ln1, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
+            self.norm_backward(
+                be,
+                grads,
+                &mut dx,
+                &dln1,
+                &s.x,
+                &s.ln1_mean,
+                &s.ln1_rstd,
+                &bp.ln1_w,
+                &bp.ln1_b,
+                n,
+            );
         }
 
-        be.embedding_backward(be.view_mut(grads, l.embed.clone()), be.all(&dx), &batch.ids, c);
+        be.embedding_backward(
+            be.view_mut(grads, l.embed.clone()),
+            be.all(&dx),
+            &batch.ids,
+            c,
+        );
         if let Some(pe) = &l.pos_embed {
             be.embedding_backward(be.view_mut(grads, pe.clone()), be.all(&dx), &batch.pos, c);
         }
@@ -483,20 +564,41 @@ impl<B: ModelOps> Model<B> {
 
     /// Adds the gradient of `Σ dvalues·values` w.r.t. the score weight into `grads` and returns
     /// the gradient w.r.t. the hidden states (N, C).
-    pub fn values_backward(&self, be: &B, hidden: &B::Buf, dvalues: &B::Buf, n: usize, grads: &mut B::Buf) -> Result<B::Buf> {
+    pub fn values_backward(
+        &self,
+        be: &B,
+        hidden: &B::Buf,
+        dvalues: &B::Buf,
+        n: usize,
+        grads: &mut B::Buf,
+    ) -> Result<B::Buf> {
         let score = self.score_range()?;
-        Ok(self.linear_backward(be, grads, dvalues, hidden, &score, &None, n, self.cfg.hidden_size, 1))
+        Ok(self.linear_backward(
+            be,
+            grads,
+            dvalues,
+            hidden,
+            &score,
+            &None,
+            n,
+            self.cfg.hidden_size,
+            1,
+        ))
     }
 
     fn score_range(&self) -> Result<Range<usize>> {
         self.layout.score.clone().ok_or_else(|| {
-            Error::Invalid("this model has no scalar head (score.weight); it is a language model".into())
+            Error::Invalid(
+                "this model has no scalar head (score.weight); it is a language model".into(),
+            )
         })
     }
 
     fn lm_range(&self) -> Result<Range<usize>> {
         if self.cfg.head != Head::Lm {
-            return Err(Error::Invalid("this model has a scalar head, not a language-model head".into()));
+            return Err(Error::Invalid(
+                "this model has a scalar head, not a language-model head".into(),
+            ));
         }
         Ok(self.layout.lm_head_or_embed())
     }
@@ -521,7 +623,15 @@ impl<B: ModelOps> Model<B> {
         for r in row_chunks(n, chunk) {
             let m = r.len();
             let mut logits = be.zeros(m * v);
-            be.matmul_forward(be.all_mut(&mut logits), be.view(hidden, r.start * c..r.end * c), self.p(be, &w), None, m, c, v);
+            be.matmul_forward(
+                be.all_mut(&mut logits),
+                be.view(hidden, r.start * c..r.end * c),
+                self.p(be, &w),
+                None,
+                m,
+                c,
+                v,
+            );
             let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
             let mut e = with_entropy.then(|| be.zeros(m));
             be.logprobs_forward(
@@ -566,7 +676,16 @@ impl<B: ModelOps> Model<B> {
             let mut logits = be.zeros(m * v);
             be.matmul_forward(be.all_mut(&mut logits), h, self.p(be, &w), None, m, c, v);
             let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
-            be.logprobs_forward(be.all_mut(&mut lp), None, be.all_mut(&mut lse), be.all(&logits), &targets[r.clone()], m, v, temperature);
+            be.logprobs_forward(
+                be.all_mut(&mut lp),
+                None,
+                be.all_mut(&mut lse),
+                be.all(&logits),
+                &targets[r.clone()],
+                m,
+                v,
+                temperature,
+            );
             let dlp = be.upload(&dlogp[r.clone()]);
             let dent = dentropy.map(|d| be.upload(&d[r.clone()]));
             let mut dlogits = be.zeros(m * v);
@@ -618,7 +737,13 @@ impl<B: ModelOps> Model<B> {
 pub fn shifted_targets(batch: &Batch) -> Vec<u32> {
     let t = batch.t;
     (0..batch.n())
-        .map(|j| if (j + 1) % t != 0 { batch.ids[j + 1] } else { batch.ids[j] })
+        .map(|j| {
+            if (j + 1) % t != 0 {
+                batch.ids[j + 1]
+            } else {
+                batch.ids[j]
+            }
+        })
         .collect()
 }
 

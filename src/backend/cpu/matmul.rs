@@ -176,7 +176,15 @@ const SKINNY_GROUP: usize = 8;
 /// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each weight
 /// row is streamed once and dotted with all input rows (which stay in L1) at the same time.
 /// Unlike gemm it packs nothing, hence allocates nothing: the decode loop relies on that.
-fn skinny_matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
+fn skinny_matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
     /// The output's base pointer, shared by tasks that write disjoint columns.
     struct Out(*mut f32);
     // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
@@ -192,29 +200,31 @@ fn skinny_matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&
     }
     let dst = Out(out.as_mut_ptr());
     let dst = &dst;
-    w.par_chunks(SKINNY_OC_CHUNK * c).enumerate().for_each(|(chunk, rows)| {
-        for (j, wrow) in rows.chunks_exact(c).enumerate() {
-            let o = chunk * SKINNY_OC_CHUNK + j;
-            let b0 = bias.map_or(0.0, |b| b[o]);
-            for r0 in (0..n).step_by(SKINNY_GROUP) {
-                let g = SKINNY_GROUP.min(n - r0);
-                let mut dots = [0.0f32; SKINNY_GROUP];
-                let x = &inp[r0 * c..(r0 + g) * c];
-                if g == SKINNY_GROUP {
-                    skinny_dots8(&mut dots, wrow, x);
-                } else {
-                    for (r, d) in dots.iter_mut().enumerate().take(g) {
-                        *d = dot(wrow, &x[r * c..(r + 1) * c]);
+    w.par_chunks(SKINNY_OC_CHUNK * c)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (j, wrow) in rows.chunks_exact(c).enumerate() {
+                let o = chunk * SKINNY_OC_CHUNK + j;
+                let b0 = bias.map_or(0.0, |b| b[o]);
+                for r0 in (0..n).step_by(SKINNY_GROUP) {
+                    let g = SKINNY_GROUP.min(n - r0);
+                    let mut dots = [0.0f32; SKINNY_GROUP];
+                    let x = &inp[r0 * c..(r0 + g) * c];
+                    if g == SKINNY_GROUP {
+                        skinny_dots8(&mut dots, wrow, x);
+                    } else {
+                        for (r, d) in dots.iter_mut().enumerate().take(g) {
+                            *d = dot(wrow, &x[r * c..(r + 1) * c]);
+                        }
+                    }
+                    for (r, d) in dots.iter().enumerate().take(g) {
+                        // SAFETY: r0 + r < n and o < oc, so the index is inside `out` (asserted by
+                        // the caller); no other task writes channel o.
+                        unsafe { *dst.0.add((r0 + r) * oc + o) = d + b0 };
                     }
                 }
-                for (r, d) in dots.iter().enumerate().take(g) {
-                    // SAFETY: r0 + r < n and o < oc, so the index is inside `out` (asserted by
-                    // the caller); no other task writes channel o.
-                    unsafe { *dst.0.add((r0 + r) * oc + o) = d + b0 };
-                }
             }
-        }
-    });
+        });
 }
 
 simd_dispatch! {
@@ -230,7 +240,9 @@ fn skinny_dots8_body(dots: &mut [f32; SKINNY_GROUP], wrow: &[f32], x: &[f32]) {
     for k in (0..whole).step_by(SKINNY_LANES) {
         let wk: &[f32; SKINNY_LANES] = wrow[k..k + SKINNY_LANES].try_into().expect("lane block");
         for (r, a) in acc.iter_mut().enumerate() {
-            let xk: &[f32; SKINNY_LANES] = x[r * c + k..r * c + k + SKINNY_LANES].try_into().expect("lane block");
+            let xk: &[f32; SKINNY_LANES] = x[r * c + k..r * c + k + SKINNY_LANES]
+                .try_into()
+                .expect("lane block");
             for l in 0..SKINNY_LANES {
                 a[l] += wk[l] * xk[l];
             }

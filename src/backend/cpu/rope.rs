@@ -37,7 +37,11 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
         "rope: qkv is not N·qkv_width with N = pos.len()"
     );
     assert!(hd % 2 == 0, "rope: head_dim {hd} must be even");
-    assert!(hd / 2 <= MAX_HALF, "rope: head_dim {hd} above {}", 2 * MAX_HALF);
+    assert!(
+        hd / 2 <= MAX_HALF,
+        "rope: head_dim {hd} above {}",
+        2 * MAX_HALF
+    );
     if pos.is_empty() || hd == 0 {
         return;
     }

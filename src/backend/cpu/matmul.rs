@@ -244,9 +244,7 @@ fn skinny_dots8_body(dots: &mut [f32; SKINNY_GROUP], wrow: &[f32], x: &[f32]) {
                 .try_into()
                 .expect("lane block");
             for l in 0..SKINNY_LANES {
-                // Fused: one rounding, and one instruction where the dispatch enables FMA
-                // (the same bits on every path, since fma is exact-rounded everywhere).
-                a[l] = wk[l].mul_add(xk[l], a[l]);
+                a[l] += wk[l] * xk[l];
             }
         }
     }

@@ -16,5 +16,6 @@ pub mod optim;
 pub mod reward;
 pub mod rng;
 pub mod rollout;
+pub mod validate;
 
 pub use error::{Error, Result};

@@ -40,6 +40,8 @@ enum Cmd {
     Grpo(rlhf::algo::grpo::GrpoArgs),
     /// PPO: policy, frozen reference, reward source and critic; KL-shaped rewards, GAE, clipped losses.
     Ppo(rlhf::algo::ppo::PpoArgs),
+    /// Run every CUDA kernel against the CPU reference over a sweep of shapes (emulated without a GPU).
+    Validate(rlhf::validate::ValidateArgs),
     /// Benchmarks against PyTorch / transformers baselines.
     Bench {
         #[command(subcommand)]
@@ -55,6 +57,8 @@ enum BenchCmd {
     Generate(rlhf::bench::GenerateArgs),
     /// A GRPO iteration (rollout, reward, reference pass, optimizer step) against TRL's GRPOTrainer.
     Grpo(rlhf::bench::GrpoBenchArgs),
+    /// Each CUDA kernel against its CPU reference op, with its workspace (emulated without a GPU).
+    Kernels(rlhf::validate::BenchKernelsArgs),
 }
 
 fn main() {
@@ -88,10 +92,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dpo(args) => rlhf::algo::dpo::run(&args),
         Cmd::Grpo(args) => rlhf::algo::grpo::run(&args),
         Cmd::Ppo(args) => rlhf::algo::ppo::run(&args),
+        Cmd::Validate(args) => rlhf::validate::validate(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),
             BenchCmd::Grpo(args) => rlhf::bench::grpo(&args),
+            BenchCmd::Kernels(args) => rlhf::validate::bench_kernels(&args),
         },
     }
 }

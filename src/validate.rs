@@ -1,0 +1,1075 @@
+//! `rlhf validate` and `rlhf bench kernels`: every kernel family of `kernels/` against the CPU
+//! reference on a sweep of shapes (DESIGN.md principle 3).
+//!
+//! Without a GPU the kernels run on the emulation shim ([`Emu`]), through exactly the host code
+//! a device backend uses (launch plans and op drivers), so a PASS here checks the kernels and
+//! that host code; the times are the shim's and say nothing about a GPU's.
+//!
+//! Everything is data-driven: [`cases`] is the one table of (kernel, shape), [`run_op`] the one
+//! dispatch that runs an [`Op`] on any backend and flattens every output, gradient and scalar it
+//! produces into one vector, and both commands are one loop over the table.
+//!
+//! Tolerances (errors scaled as `|got - want| / max(1, |want|)`, the test suite's measure; it is
+//! the absolute error on values below 1, which are most of them, and the relative error above):
+//! - [`TOL_F32`] = 1e-5: the kernels compute per-token values in f32 and reduce in f64, the CPU
+//!   reference is f64 throughout; a wrong formula is off by 1e-4 or more.
+//! - bf16 logits: the forward is compared with the CPU op on the same (bf16-rounded, widened)
+//!   logits, so at [`TOL_F32`]; the backward stores its gradient in bf16, adding half an ulp
+//!   (2^-9 relative) of rounding on top, checked at [`TOL_BF16`] = 2^-8.
+
+use crate::backend::cpu::Cpu;
+use crate::backend::emu::plan::{DevPtr, Launch};
+use crate::backend::emu::{ops, Emu, KernelError, Launcher, Logits, LogitsMut};
+use crate::backend::loss::*;
+use crate::backend::{Backend, ModelOps};
+use crate::rng::Rng;
+use half::bf16;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The first line of both commands' output.
+pub const NOTICE: &str =
+    "no GPU: running the emulated kernels (CPU shim), times are not device times";
+
+/// Scaled error allowed for f32 kernels, and for the bf16 forward (see the module docs).
+pub const TOL_F32: f64 = 1e-5;
+/// Scaled error allowed for the bf16 log-prob backward, whose gradient is stored in bf16.
+pub const TOL_BF16: f64 = 1.0 / 256.0;
+
+/// The log-softmax temperature every log-prob case uses: not 1, so the scaling is exercised.
+const TEMPERATURE: f32 = 0.9;
+
+/// Arguments of `rlhf validate`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ValidateArgs {
+    /// A smaller sweep (still every kernel and every odd-shape class), for tests and CI.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Arguments of `rlhf bench kernels`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchKernelsArgs {
+    /// The small sweep instead of the full one.
+    #[arg(long)]
+    pub quick: bool,
+    /// Timed runs per kernel and side; the fastest counts.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// Type of the logits the log-prob kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 logits.
+    F32,
+    /// bf16 logits (and bf16 logit gradients).
+    Bf16,
+}
+
+/// A loss aggregation; [`Aggregation`]'s parameters follow from the case's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agg {
+    /// Per-sequence mean, then batch mean.
+    Grpo,
+    /// Mean over the batch's tokens.
+    Bnpo,
+    /// Sum over tokens / the batch's token count, given as a number.
+    Dapo,
+    /// Sum over tokens / (B · max completion length).
+    DrGrpo,
+}
+
+/// One kernel family, as an op of the backend trait (some run several kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Fused log-softmax + gather + entropy, forward.
+    LogprobFwd(Precision),
+    /// Its backward into the logits.
+    LogprobBwd(Precision),
+    /// A KL estimator with its masked mean, forward and backward.
+    Kl(KlEstimator),
+    /// The clipped policy loss (dual clip, k3 KL term, entropy bonus), forward and backward.
+    Policy(Agg),
+    /// The clipped value loss, forward and backward.
+    Value,
+    /// Generalised advantage estimation, whitened.
+    Gae,
+    /// Group-normalised advantages (GRPO).
+    GroupAdv,
+    /// KL-shaped rewards, then REINFORCE++ returns and whitened advantages.
+    ReinforcePp,
+    /// Bradley-Terry reward-model loss, forward and backward.
+    Bt,
+    /// Sequence sums of per-token log-probs, the DPO loss, and its gradient back to the tokens.
+    Dpo,
+}
+
+impl Op {
+    /// The kernel column of the tables.
+    pub fn name(self) -> String {
+        match self {
+            Op::LogprobFwd(p) => format!("logprob_fwd {}", precision_name(p)),
+            Op::LogprobBwd(p) => format!("logprob_bwd {}", precision_name(p)),
+            Op::Kl(e) => format!("kl {e:?}").to_lowercase(),
+            Op::Policy(a) => format!("policy_loss {a:?}").to_lowercase(),
+            Op::Value => "value_loss".into(),
+            Op::Gae => "gae".into(),
+            Op::GroupAdv => "group_adv".into(),
+            Op::ReinforcePp => "reinforce_pp".into(),
+            Op::Bt => "bt_loss".into(),
+            Op::Dpo => "dpo_loss".into(),
+        }
+    }
+
+    fn precision(self) -> Option<Precision> {
+        match self {
+            Op::LogprobFwd(p) | Op::LogprobBwd(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The scaled error allowed (module docs).
+    pub fn tolerance(self) -> f64 {
+        match self {
+            Op::LogprobBwd(Precision::Bf16) => TOL_BF16,
+            _ => TOL_F32,
+        }
+    }
+
+    /// Bytes of inputs and outputs the op must move at least (a `+=` output counts twice: read
+    /// and written); the bandwidth column divides this by the time.
+    pub fn io_bytes(self, s: Shape) -> usize {
+        let (n, b) = (s.b * s.t, s.b);
+        let logit_bytes = match self.precision() {
+            Some(Precision::Bf16) => 2,
+            _ => 4,
+        };
+        match self {
+            // logits, targets; logp, entropy, lse.
+            Op::LogprobFwd(_) => n * s.v * logit_bytes + 4 * n * 4,
+            // logits, dlogits (read and written); targets, lse, dlogp, dentropy.
+            Op::LogprobBwd(_) => 3 * n * s.v * logit_bytes + 4 * n * 4,
+            // logp, ref, mask; per-token; dx.
+            Op::Kl(_) => (3 + 1 + 2) * n * 4,
+            // logp, old, adv, ref, entropy, mask; per-token; dlogp, dentropy.
+            Op::Policy(_) => (6 + 1 + 2 + 2) * n * 4,
+            // values, old, returns, mask; per-token; dvalues.
+            Op::Value => (4 + 1 + 2) * n * 4,
+            // rewards, values, mask; advantages, returns.
+            Op::Gae => (3 + 2) * n * 4,
+            // rewards; advantages, baselines, stds.
+            Op::GroupAdv => 4 * n * 4,
+            // logp, ref, mask, scores (B); rewards; then rewards, mask; advantages, returns.
+            Op::ReinforcePp => ((3 + 1 + 2 + 2) * n + b) * 4,
+            // B·T pairs: chosen, rejected, margin; dchosen, drejected.
+            Op::Bt => (3 + 4) * n * 4,
+            // Four masked row sums (tokens, mask; sums, counts); the loss on B pairs (six
+            // inputs; three outputs; two gradients); the row-sum backward (dsums, mask; dx).
+            Op::Dpo => (4 * (2 * n + 2 * b) + 6 * b + 3 * b + 4 * b + b + n + 2 * n) * 4,
+        }
+    }
+}
+
+fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// A case's shape: `b` rows of `t` tokens, and `v` logits per token (log-prob ops only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Rows (sequences, pairs).
+    pub b: usize,
+    /// Tokens per row.
+    pub t: usize,
+    /// Vocabulary size (log-prob ops only; 0 elsewhere).
+    pub v: usize,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.v > 0 {
+            write!(f, "{}x{}x{}", self.b, self.t, self.v)
+        } else {
+            write!(f, "{}x{}", self.b, self.t)
+        }
+    }
+}
+
+/// The sweep: every kernel family on every shape of its kind. The token shapes cover one token,
+/// rows shorter than a warp, rows longer than a row block (128) and not a multiple of it, and
+/// more rows than a scan block (64); the log-prob shapes one token over a vocabulary smaller than
+/// a warp, and vocabularies not a multiple of the block (256) nor of the chunk its threads stride
+/// over. (A vocabulary of one is left out: its gradient is identically zero, which the all-zero
+/// guard in [`validate`] would rightly refuse as a vacuous case.)
+pub fn cases(quick: bool) -> Vec<(Op, Shape)> {
+    let tokens: &[(usize, usize)] = if quick {
+        &[(1, 1), (3, 7), (2, 300), (70, 5)]
+    } else {
+        &[
+            (1, 1),
+            (3, 7),
+            (4, 12),
+            (2, 300),
+            (5, 129),
+            (70, 5),
+            (16, 1000),
+        ]
+    };
+    let vocab: &[(usize, usize, usize)] = if quick {
+        &[(1, 1, 7), (2, 3, 1000), (1, 2, 4099)]
+    } else {
+        &[(1, 1, 7), (2, 3, 1000), (1, 2, 4099), (4, 16, 32_003)]
+    };
+    let mut ops = Vec::new();
+    for p in [Precision::F32, Precision::Bf16] {
+        ops.push(Op::LogprobFwd(p));
+        ops.push(Op::LogprobBwd(p));
+    }
+    let token_ops = [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3]
+        .map(Op::Kl)
+        .into_iter()
+        .chain([Agg::Grpo, Agg::Bnpo, Agg::Dapo, Agg::DrGrpo].map(Op::Policy))
+        .chain([
+            Op::Value,
+            Op::Gae,
+            Op::GroupAdv,
+            Op::ReinforcePp,
+            Op::Bt,
+            Op::Dpo,
+        ]);
+    ops.extend(token_ops);
+    let mut out = Vec::new();
+    for op in ops {
+        if op.precision().is_some() {
+            out.extend(vocab.iter().map(|&(b, t, v)| (op, Shape { b, t, v })));
+        } else {
+            out.extend(tokens.iter().map(|&(b, t)| (op, Shape { b, t, v: 0 })));
+        }
+    }
+    out
+}
+
+/// Random inputs for one case, shared by both backends.
+struct Data {
+    rows: Rows,
+    /// Right-padded: row 0 full, the last row (of two or more) all masked, others random.
+    mask: Vec<f32>,
+    /// A second mask of the same kind (DPO's rejected side).
+    mask2: Vec<f32>,
+    logp: Vec<f32>,
+    logp_old: Vec<f32>,
+    logp_ref: Vec<f32>,
+    entropy: Vec<f32>,
+    adv: Vec<f32>,
+    values: Vec<f32>,
+    /// `values` moved by up to ±0.4, so that a clip of 0.2 binds on some tokens only.
+    values_old: Vec<f32>,
+    returns: Vec<f32>,
+    rewards: Vec<f32>,
+    /// (B) sequence scores.
+    scores: Vec<f32>,
+    /// (N, V), rounded through bf16 for a bf16 case so that both sides see the same values.
+    logits: Vec<f32>,
+    /// The same logits in bf16 (bf16 cases only).
+    logits_bf16: Vec<bf16>,
+    targets: Vec<u32>,
+    /// The CPU reference's lse of the logits (backward cases only).
+    lse: Vec<f32>,
+    dlogp: Vec<f32>,
+    dentropy: Vec<f32>,
+    v: usize,
+}
+
+fn uniform(rng: &mut Rng, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (lo + (hi - lo) * rng.uniform()) as f32)
+        .collect()
+}
+
+fn normal(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (scale * rng.normal()) as f32).collect()
+}
+
+fn padded_mask(rng: &mut Rng, rows: Rows) -> Vec<f32> {
+    let mut mask = vec![0.0; rows.n()];
+    for r in 0..rows.b {
+        let len = match r {
+            0 => rows.t,
+            _ if r + 1 == rows.b => 0,
+            _ => 1 + rng.below(rows.t),
+        };
+        mask[r * rows.t..r * rows.t + len].fill(1.0);
+    }
+    mask
+}
+
+impl Data {
+    fn new(op: Op, s: Shape, seed: u64) -> Data {
+        let mut rng = Rng::new(seed);
+        let rows = Rows { b: s.b, t: s.t };
+        let n = rows.n();
+        let mut d = Data {
+            rows,
+            mask: padded_mask(&mut rng, rows),
+            mask2: padded_mask(&mut rng, rows),
+            logp: uniform(&mut rng, n, -3.0, -0.1),
+            logp_old: uniform(&mut rng, n, -3.0, -0.1),
+            logp_ref: uniform(&mut rng, n, -3.0, -0.1),
+            entropy: uniform(&mut rng, n, 0.5, 3.0),
+            adv: normal(&mut rng, n, 1.0),
+            values: normal(&mut rng, n, 1.0),
+            values_old: Vec::new(),
+            returns: normal(&mut rng, n, 1.0),
+            rewards: normal(&mut rng, n, 0.5),
+            scores: normal(&mut rng, s.b, 1.0),
+            logits: Vec::new(),
+            logits_bf16: Vec::new(),
+            targets: Vec::new(),
+            lse: Vec::new(),
+            dlogp: normal(&mut rng, n, 1.0),
+            dentropy: normal(&mut rng, n, 1.0),
+            v: s.v,
+        };
+        d.values_old = (d.values.iter())
+            .map(|&v| v + (0.8 * rng.uniform() - 0.4) as f32)
+            .collect();
+        if let Some(p) = op.precision() {
+            d.logits = normal(&mut rng, n * s.v, 2.0);
+            if p == Precision::Bf16 {
+                d.logits_bf16 = d.logits.iter().map(|&x| bf16::from_f32(x)).collect();
+                d.logits = d.logits_bf16.iter().map(|x| x.to_f32()).collect();
+            }
+            d.targets = (0..n).map(|_| rng.below(s.v) as u32).collect();
+            if matches!(op, Op::LogprobBwd(_)) {
+                d.lse = Cpu.logprobs(&d, p)[2].clone();
+            }
+        }
+        d
+    }
+}
+
+/// The log-prob op on host data (a `ModelOps` member on the CPU, kernels on the emulator).
+trait LogprobOps: LossOps {
+    /// logp, entropy, lse.
+    fn logprobs(&self, d: &Data, p: Precision) -> [Vec<f32>; 3];
+    /// dlogits (from zero), widened to f32.
+    fn logprobs_grad(&self, d: &Data, p: Precision) -> Vec<f32>;
+}
+
+impl LogprobOps for Cpu {
+    // The CPU reads the (already bf16-rounded) logits widened, whatever the precision.
+    fn logprobs(&self, d: &Data, _: Precision) -> [Vec<f32>; 3] {
+        let n = d.targets.len();
+        let [mut logp, mut ent, mut lse] = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+        let (logits, targets) = (&d.logits, &d.targets);
+        self.logprobs_forward(
+            &mut logp,
+            Some(&mut ent),
+            &mut lse,
+            logits,
+            targets,
+            n,
+            d.v,
+            TEMPERATURE,
+        );
+        [logp, ent, lse]
+    }
+    fn logprobs_grad(&self, d: &Data, _: Precision) -> Vec<f32> {
+        let n = d.targets.len();
+        let mut dl = vec![0.0; d.logits.len()];
+        self.logprobs_backward(
+            &mut dl,
+            &d.logits,
+            &d.targets,
+            &d.lse,
+            &d.dlogp,
+            Some(&d.dentropy),
+            n,
+            d.v,
+            TEMPERATURE,
+        );
+        dl
+    }
+}
+
+impl LogprobOps for Metered {
+    fn logprobs(&self, d: &Data, p: Precision) -> [Vec<f32>; 3] {
+        let n = d.targets.len();
+        let [mut logp, mut ent, mut lse] = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+        let logits = match p {
+            Precision::F32 => Logits::F32(&d.logits),
+            Precision::Bf16 => Logits::Bf16(&d.logits_bf16),
+        };
+        self.emu.logprobs_forward(
+            &mut logp,
+            Some(&mut ent),
+            &mut lse,
+            logits,
+            &d.targets,
+            n,
+            d.v,
+            TEMPERATURE,
+        );
+        [logp, ent, lse]
+    }
+    fn logprobs_grad(&self, d: &Data, p: Precision) -> Vec<f32> {
+        let n = d.targets.len();
+        let run = |dlogits: LogitsMut<'_>, logits: Logits<'_>| {
+            self.emu.logprobs_backward(
+                dlogits,
+                logits,
+                &d.targets,
+                &d.lse,
+                &d.dlogp,
+                Some(&d.dentropy),
+                n,
+                d.v,
+                TEMPERATURE,
+            )
+        };
+        match p {
+            Precision::F32 => {
+                let mut dl = vec![0.0; d.logits.len()];
+                run(LogitsMut::F32(&mut dl), Logits::F32(&d.logits));
+                dl
+            }
+            Precision::Bf16 => {
+                let mut dl = vec![bf16::ZERO; d.logits.len()];
+                run(LogitsMut::Bf16(&mut dl), Logits::Bf16(&d.logits_bf16));
+                dl.iter().map(|x| x.to_f32()).collect()
+            }
+        }
+    }
+}
+
+fn widen(x: &[f32]) -> impl Iterator<Item = f64> + '_ {
+    x.iter().map(|&v| v as f64)
+}
+
+fn host<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
+    be.download(be.all(b))
+}
+
+/// Runs `op` on `be`, returning every output, gradient and scalar flattened, in a fixed order.
+fn run_op<B: LogprobOps>(be: &B, op: Op, d: &Data) -> Vec<f64> {
+    let (rows, n) = (d.rows, d.rows.n());
+    let up = |x: &[f32]| be.upload(x);
+    let mut out: Vec<f64> = Vec::new();
+    match op {
+        Op::LogprobFwd(p) => be.logprobs(d, p).iter().for_each(|x| out.extend(widen(x))),
+        Op::LogprobBwd(p) => out.extend(widen(&be.logprobs_grad(d, p))),
+        Op::Kl(est) => {
+            let (lp, lr, m) = (up(&d.logp), up(&d.logp_ref), up(&d.mask));
+            let (mut per_token, mut dx) = (be.zeros(n), be.zeros(n));
+            let x = KlInputs::<B> {
+                logp: be.all(&lp),
+                logp_ref: be.all(&lr),
+                mask: be.all(&m),
+                rows,
+            };
+            let grad = Grad {
+                dx: be.all_mut(&mut dx),
+                dloss: 0.75,
+            };
+            let agg = Aggregation::Grpo;
+            out.push(be.kl(&x, est, agg, Some(be.all_mut(&mut per_token)), Some(grad)));
+            out.extend(widen(&host(be, &per_token)));
+            out.extend(widen(&host(be, &dx)));
+        }
+        Op::Policy(agg) => {
+            let (lp, old, adv) = (up(&d.logp), up(&d.logp_old), up(&d.adv));
+            let (lr, ent, m) = (up(&d.logp_ref), up(&d.entropy), up(&d.mask));
+            let (mut per_token, mut dlogp, mut dent) = (be.zeros(n), be.zeros(n), be.zeros(n));
+            let tokens = d.mask.iter().map(|&m| m as f64).sum();
+            let agg = match agg {
+                Agg::Grpo => Aggregation::Grpo,
+                Agg::Bnpo => Aggregation::Bnpo,
+                Agg::Dapo => Aggregation::Dapo { num_items: tokens },
+                Agg::DrGrpo => Aggregation::DrGrpo {
+                    max_completion_length: rows.t,
+                },
+            };
+            let cfg = PolicyLossCfg {
+                clip_low: 0.2,
+                clip_high: 0.28,
+                dual_clip: Some(3.0),
+                kl_coef: 0.04,
+                entropy_coef: 0.01,
+                agg,
+            };
+            let x = PolicyLossInputs::<B> {
+                logp: be.all(&lp),
+                logp_old: be.all(&old),
+                advantages: Advantages::PerToken(be.all(&adv)),
+                logp_ref: Some(be.all(&lr)),
+                entropy: Some(be.all(&ent)),
+                mask: be.all(&m),
+                rows,
+            };
+            let grad = PolicyLossGrad {
+                dlogp: be.all_mut(&mut dlogp),
+                dentropy: Some(be.all_mut(&mut dent)),
+                dloss: 1.0,
+            };
+            let s = be.policy_loss(&x, &cfg, Some(be.all_mut(&mut per_token)), Some(grad));
+            out.extend([
+                s.loss,
+                s.clipfrac,
+                s.dual_clipfrac,
+                s.approx_kl,
+                s.kl,
+                s.entropy,
+                s.tokens,
+            ]);
+            for b in [&per_token, &dlogp, &dent] {
+                out.extend(widen(&host(be, b)));
+            }
+        }
+        Op::Value => {
+            let (v, vo, r, m) = (
+                up(&d.values),
+                up(&d.values_old),
+                up(&d.returns),
+                up(&d.mask),
+            );
+            let (mut per_token, mut dx) = (be.zeros(n), be.zeros(n));
+            let cfg = ValueLossCfg {
+                clip: Some(0.2),
+                agg: Aggregation::Bnpo,
+            };
+            let x = ValueLossInputs::<B> {
+                values: be.all(&v),
+                values_old: be.all(&vo),
+                returns: be.all(&r),
+                mask: be.all(&m),
+                rows,
+            };
+            let grad = Grad {
+                dx: be.all_mut(&mut dx),
+                dloss: 1.0,
+            };
+            let s = be.value_loss(&x, &cfg, Some(be.all_mut(&mut per_token)), Some(grad));
+            out.extend([s.loss, s.clipfrac, s.tokens]);
+            out.extend(widen(&host(be, &per_token)));
+            out.extend(widen(&host(be, &dx)));
+        }
+        Op::Gae => {
+            let (r, v, m) = (up(&d.rewards), up(&d.values), up(&d.mask));
+            let (mut adv, mut ret) = (be.zeros(n), be.zeros(n));
+            let cfg = GaeCfg {
+                gamma: 0.99,
+                lam: 0.95,
+                whiten: true,
+            };
+            let (rv, vv, mv) = (be.all(&r), be.all(&v), be.all(&m));
+            be.gae(
+                be.all_mut(&mut adv),
+                be.all_mut(&mut ret),
+                rv,
+                vv,
+                mv,
+                rows,
+                &cfg,
+            );
+            out.extend(widen(&host(be, &adv)));
+            out.extend(widen(&host(be, &ret)));
+        }
+        Op::GroupAdv => {
+            let r = up(&d.rewards);
+            let (mut adv, mut base, mut std) = (be.zeros(n), be.zeros(n), be.zeros(n));
+            let cfg = GroupAdvCfg {
+                group: rows.t,
+                baseline: GroupBaseline::Mean,
+                scale: GroupScale::Group,
+                eps: 1e-4,
+            };
+            let s = be.group_advantages(
+                be.all_mut(&mut adv),
+                Some(be.all_mut(&mut base)),
+                Some(be.all_mut(&mut std)),
+                be.all(&r),
+                n,
+                &cfg,
+            );
+            out.push(s.frac_zero_std);
+            for b in [&adv, &base, &std] {
+                out.extend(widen(&host(be, b)));
+            }
+        }
+        Op::ReinforcePp => {
+            let (lp, lr, s, m) = (up(&d.logp), up(&d.logp_ref), up(&d.scores), up(&d.mask));
+            let mut rewards = be.zeros(n);
+            let cfg = KlRewardCfg {
+                kl_coef: 0.05,
+                estimator: KlEstimator::K1,
+            };
+            let (lpv, lrv, sv, mv) = (be.all(&lp), be.all(&lr), be.all(&s), be.all(&m));
+            be.kl_shaped_rewards(be.all_mut(&mut rewards), lpv, lrv, sv, mv, rows, &cfg);
+            let (mut adv, mut ret) = (be.zeros(n), be.zeros(n));
+            let rv = be.all(&rewards);
+            be.reinforce_pp(
+                be.all_mut(&mut adv),
+                be.all_mut(&mut ret),
+                rv,
+                mv,
+                rows,
+                0.99,
+            );
+            for b in [&rewards, &adv, &ret] {
+                out.extend(widen(&host(be, b)));
+            }
+        }
+        // Bt and DPO take scores and log-probs of any values: the shared per-token data serves.
+        Op::Bt => {
+            let (c, r, margin) = (up(&d.values), up(&d.returns), up(&d.entropy));
+            let (mut dc, mut dr) = (be.zeros(n), be.zeros(n));
+            let grad = BtGrad {
+                dchosen: be.all_mut(&mut dc),
+                drejected: be.all_mut(&mut dr),
+                dloss: 1.0,
+            };
+            let cfg = BtCfg { center_coef: 0.01 };
+            let (cv, rv, mv) = (be.all(&c), be.all(&r), be.all(&margin));
+            let s = be.bt_loss(cv, rv, Some(mv), n, &cfg, Some(grad));
+            out.extend([s.loss, s.accuracy, s.margin]);
+            out.extend(widen(&host(be, &dc)));
+            out.extend(widen(&host(be, &dr)));
+        }
+        Op::Dpo => {
+            let p = rows.b;
+            let (cm, rm) = (up(&d.mask), up(&d.mask2));
+            let seq = |tok: &[f32], mask: &B::Buf| {
+                let t = be.upload(tok);
+                let (mut s, mut c) = (be.zeros(p), be.zeros(p));
+                let (tv, mv) = (be.all(&t), be.all(mask));
+                be.masked_row_sum(be.all_mut(&mut s), Some(be.all_mut(&mut c)), tv, mv, rows);
+                (s, c)
+            };
+            let (pc, lc) = seq(&d.logp, &cm);
+            let (pr, lr) = seq(&d.logp_old, &rm);
+            let (rc, _) = seq(&d.logp_ref, &cm);
+            let (rr, _) = seq(&d.entropy.iter().map(|e| -e).collect::<Vec<_>>(), &rm);
+            let x = DpoInputs::<B> {
+                policy_chosen: be.all(&pc),
+                policy_rejected: be.all(&pr),
+                ref_chosen: be.all(&rc),
+                ref_rejected: be.all(&rr),
+                chosen_len: Some(be.all(&lc)),
+                rejected_len: Some(be.all(&lr)),
+                pairs: p,
+            };
+            let cfg = DpoCfg {
+                beta: 0.1,
+                label_smoothing: 0.1,
+                loss: DpoLoss::Sigmoid,
+            };
+            let (mut losses, mut rw_c, mut rw_r) = (be.zeros(p), be.zeros(p), be.zeros(p));
+            let (mut dc, mut dr) = (be.zeros(p), be.zeros(p));
+            let outputs = DpoOutputs {
+                losses: Some(be.all_mut(&mut losses)),
+                chosen_rewards: Some(be.all_mut(&mut rw_c)),
+                rejected_rewards: Some(be.all_mut(&mut rw_r)),
+            };
+            let grad = DpoGrad {
+                dchosen: be.all_mut(&mut dc),
+                drejected: be.all_mut(&mut dr),
+                dloss: 1.0,
+            };
+            let s = be.dpo_loss(&x, &cfg, outputs, Some(grad));
+            let mut dtok = be.zeros(n);
+            be.masked_row_sum_backward(be.all_mut(&mut dtok), be.all(&dc), be.all(&cm), rows);
+            out.extend([
+                s.loss,
+                s.accuracy,
+                s.margin,
+                s.chosen_reward,
+                s.rejected_reward,
+            ]);
+            for b in [&losses, &rw_c, &rw_r, &dr, &dtok] {
+                out.extend(widen(&host(be, b)));
+            }
+        }
+    }
+    out
+}
+
+/// Errors of `got` against `want`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Errors {
+    /// Largest `|got - want|`.
+    pub abs: f64,
+    /// Largest `|got - want| / |want|` over nonzero `want` (masked outputs are exactly 0).
+    pub rel: f64,
+    /// Largest `|got - want| / max(1, |want|)`, the measure the tolerances bound; NaN if any
+    /// value is NaN on one side only.
+    pub scaled: f64,
+}
+
+fn errors(got: &[f64], want: &[f64]) -> Errors {
+    let mut e = Errors::default();
+    if got.len() != want.len() {
+        e.scaled = f64::NAN;
+        return e;
+    }
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g - w).abs();
+        if d.is_nan() && !(g.is_nan() && w.is_nan()) {
+            e.scaled = f64::NAN;
+            return e;
+        }
+        e.abs = e.abs.max(d);
+        if w != 0.0 {
+            e.rel = e.rel.max(d / w.abs());
+        }
+        e.scaled = e.scaled.max(d / w.abs().max(1.0));
+    }
+    e
+}
+
+/// The emulated backend, counting the scratch memory its op drivers allocate: the kernels'
+/// workspace beyond inputs and outputs. The device copy of the token ids is not counted (it is
+/// an input).
+pub struct Metered {
+    emu: Emu,
+    scratch_bytes: AtomicUsize,
+}
+
+impl Metered {
+    /// A fresh counter over the default emulator.
+    pub fn new() -> Metered {
+        Metered {
+            emu: Emu::default(),
+            scratch_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Scratch bytes allocated since the last call, resetting the count.
+    pub fn take_scratch_bytes(&self) -> usize {
+        self.scratch_bytes.swap(0, Ordering::Relaxed)
+    }
+}
+
+impl Default for Metered {
+    fn default() -> Metered {
+        Metered::new()
+    }
+}
+
+impl Backend for Metered {
+    type Buf = Vec<f32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        self.emu.zeros(n)
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        self.emu.upload(data)
+    }
+    fn download(&self, v: &[f32]) -> Vec<f32> {
+        self.emu.download(v)
+    }
+    fn len(&self, b: &Vec<f32>) -> usize {
+        b.len()
+    }
+    fn view<'a>(&self, b: &'a Vec<f32>, r: Range<usize>) -> &'a [f32] {
+        &b[r]
+    }
+    fn view_mut<'a>(&self, b: &'a mut Vec<f32>, r: Range<usize>) -> &'a mut [f32] {
+        &mut b[r]
+    }
+    fn fill(&self, v: &mut [f32], value: f32) {
+        v.fill(value)
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+// SAFETY: every method forwards to `Emu`'s, whose views and scratch are the same types, so
+// `Emu`'s guarantees carry over unchanged; counting has no effect on memory.
+unsafe impl Launcher for Metered {
+    type Scratch = <Emu as Launcher>::Scratch;
+
+    fn ptr(&self, v: &[f32]) -> DevPtr {
+        self.emu.ptr(v)
+    }
+    fn ptr_mut(&self, v: &mut &mut [f32]) -> DevPtr {
+        self.emu.ptr_mut(v)
+    }
+    fn view_len(&self, v: &[f32]) -> usize {
+        v.len()
+    }
+    fn view_mut_len(&self, v: &&mut [f32]) -> usize {
+        v.len()
+    }
+    fn scratch(&self, len: usize) -> Result<Self::Scratch, KernelError> {
+        self.scratch_bytes.fetch_add(len * 8, Ordering::Relaxed);
+        self.emu.scratch(len)
+    }
+    fn scratch_u32(&self, data: &[u32]) -> Result<Self::Scratch, KernelError> {
+        self.emu.scratch_u32(data)
+    }
+    fn scratch_ptr(&self, s: &Self::Scratch) -> DevPtr {
+        self.emu.scratch_ptr(s)
+    }
+    fn read_f64(&self, s: &Self::Scratch, len: usize) -> Result<Vec<f64>, KernelError> {
+        self.emu.read_f64(s, len)
+    }
+    unsafe fn launch(&self, l: &Launch) -> Result<(), KernelError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.emu.launch(l) }
+    }
+}
+
+/// Turns a launch failure into a panic, as [`Emu`] does: the trait's ops are infallible.
+fn ok<T>(r: Result<T, KernelError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+// Each op goes through the shared drivers with `self` as the launcher, so the scratch they
+// allocate is counted.
+impl LossOps for Metered {
+    fn masked_row_sum(
+        &self,
+        sums: &mut [f32],
+        counts: Option<&mut [f32]>,
+        x: &[f32],
+        mask: &[f32],
+        rows: Rows,
+    ) {
+        ok(ops::masked_row_sum(self, sums, counts, x, mask, rows))
+    }
+    fn masked_row_sum_backward(&self, dx: &mut [f32], dsums: &[f32], mask: &[f32], rows: Rows) {
+        ok(ops::masked_row_sum_backward(self, dx, dsums, mask, rows))
+    }
+    fn kl(
+        &self,
+        x: &KlInputs<'_, Self>,
+        estimator: KlEstimator,
+        agg: Aggregation,
+        per_token: Option<&mut [f32]>,
+        grad: Option<Grad<'_, Self>>,
+    ) -> f64 {
+        ok(ops::kl(self, x, estimator, agg, per_token, grad))
+    }
+    fn policy_loss(
+        &self,
+        x: &PolicyLossInputs<'_, Self>,
+        cfg: &PolicyLossCfg,
+        per_token: Option<&mut [f32]>,
+        grad: Option<PolicyLossGrad<'_, Self>>,
+    ) -> PolicyLossStats {
+        ok(ops::policy_loss(self, x, cfg, per_token, grad))
+    }
+    fn value_loss(
+        &self,
+        x: &ValueLossInputs<'_, Self>,
+        cfg: &ValueLossCfg,
+        per_token: Option<&mut [f32]>,
+        grad: Option<Grad<'_, Self>>,
+    ) -> ValueLossStats {
+        ok(ops::value_loss(self, x, cfg, per_token, grad))
+    }
+    fn kl_shaped_rewards(
+        &self,
+        rewards: &mut [f32],
+        logp: &[f32],
+        logp_ref: &[f32],
+        scores: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        cfg: &KlRewardCfg,
+    ) {
+        ok(ops::kl_shaped_rewards(
+            self, rewards, logp, logp_ref, scores, mask, rows, cfg,
+        ))
+    }
+    fn gae(
+        &self,
+        advantages: &mut [f32],
+        returns: &mut [f32],
+        rewards: &[f32],
+        values: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        cfg: &GaeCfg,
+    ) {
+        ok(ops::gae(
+            self, advantages, returns, rewards, values, mask, rows, cfg,
+        ))
+    }
+    fn reinforce_pp(
+        &self,
+        advantages: &mut [f32],
+        returns: &mut [f32],
+        rewards: &[f32],
+        mask: &[f32],
+        rows: Rows,
+        gamma: f32,
+    ) {
+        ok(ops::reinforce_pp(
+            self, advantages, returns, rewards, mask, rows, gamma,
+        ))
+    }
+    fn group_advantages(
+        &self,
+        advantages: &mut [f32],
+        baseline: Option<&mut [f32]>,
+        group_std: Option<&mut [f32]>,
+        rewards: &[f32],
+        n: usize,
+        cfg: &GroupAdvCfg,
+    ) -> GroupAdvStats {
+        ok(ops::group_advantages(
+            self, advantages, baseline, group_std, rewards, n, cfg,
+        ))
+    }
+    fn bt_loss(
+        &self,
+        chosen: &[f32],
+        rejected: &[f32],
+        margin: Option<&[f32]>,
+        p: usize,
+        cfg: &BtCfg,
+        grad: Option<BtGrad<'_, Self>>,
+    ) -> BtStats {
+        ok(ops::bt_loss(self, chosen, rejected, margin, p, cfg, grad))
+    }
+    fn dpo_loss(
+        &self,
+        x: &DpoInputs<'_, Self>,
+        cfg: &DpoCfg,
+        out: DpoOutputs<'_, Self>,
+        grad: Option<DpoGrad<'_, Self>>,
+    ) -> DpoStats {
+        ok(ops::dpo_loss(self, x, cfg, out, grad))
+    }
+}
+
+/// The seed of a case's data: fixed, so that a failure reproduces.
+fn seed(i: usize) -> u64 {
+    0x7a11_da7e + i as u64
+}
+
+/// Runs `f`, returning its result and seconds taken.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let r = f();
+    (r, start.elapsed().as_secs_f64())
+}
+
+/// `op`'s workspace in bytes on `shape`, beyond its inputs and outputs: the scratch the drivers
+/// allocate, measured by running the op on [`Metered`]; for the log-prob ops also the lse per
+/// row that the forward keeps for the backward (4 bytes a row; the kernels keep no softmax).
+pub fn workspace_bytes(op: Op, shape: Shape) -> usize {
+    let d = Data::new(op, shape, seed(0));
+    let m = Metered::new();
+    run_op(&m, op, &d);
+    let lse = if op.precision().is_some() {
+        d.rows.n() * 4
+    } else {
+        0
+    };
+    m.take_scratch_bytes() + lse
+}
+
+/// `rlhf validate`: every case of [`cases`] on the emulated kernels against the CPU reference;
+/// prints one table row per case and fails if any case is over its tolerance. The time is the
+/// emulated op end to end (its uploads and downloads are host copies, negligible next to the
+/// shim); GB/s is [`Op::io_bytes`] over that time.
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
+    println!("{NOTICE}");
+    println!(
+        "tolerances: scaled error |got-want|/max(1,|want|) <= {TOL_F32:.0e} (f32, bf16 forward), \
+         <= {TOL_BF16:.1e} (bf16 backward: gradient stored in bf16)"
+    );
+    println!(
+        "{:<22} {:>12} {:>10} {:>10} {:>10} {:>9}  result",
+        "kernel", "shape", "max abs", "max rel", "time ms", "GB/s"
+    );
+    let metered = Metered::new();
+    let mut failed = Vec::new();
+    for (i, (op, shape)) in cases(args.quick).into_iter().enumerate() {
+        let d = Data::new(op, shape, seed(i));
+        let want = run_op(&Cpu, op, &d);
+        let (got, secs) = timed(|| run_op(&metered, op, &d));
+        let e = errors(&got, &want);
+        // An all-zero reference would make any kernel pass: that is a broken case, not a pass.
+        let pass = e.scaled <= op.tolerance() && want.iter().any(|&w| w != 0.0);
+        if !pass {
+            failed.push(format!("{} {shape}", op.name()));
+        }
+        println!(
+            "{:<22} {:>12} {:>10.2e} {:>10.2e} {:>10.3} {:>9.2e}  {}",
+            op.name(),
+            shape.to_string(),
+            e.abs,
+            e.rel,
+            secs * 1e3,
+            op.io_bytes(shape) as f64 / secs / 1e9,
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} case(s) over tolerance: {}",
+        failed.len(),
+        failed.join(", ")
+    );
+    println!("all kernels within tolerance");
+    Ok(())
+}
+
+/// `rlhf bench kernels`: each kernel (emulated) against its CPU reference op, fastest of
+/// `repeats` runs each, and the kernel's workspace beyond its inputs and outputs.
+pub fn bench_kernels(args: &BenchKernelsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    println!("{NOTICE}");
+    println!(
+        "emulated times say nothing about GPU speed; the log-prob bandwidth target (>= 80% of a \
+         device-to-device copy at B*T = 16k, V = 128k, bf16) needs a GPU and is not measured here"
+    );
+    println!(
+        "{:<22} {:>12} {:>10} {:>10} {:>9} {:>14}",
+        "kernel", "shape", "emu ms", "cpu ms", "emu/cpu", "workspace B"
+    );
+    let metered = Metered::new();
+    for (i, (op, shape)) in cases(args.quick).into_iter().enumerate() {
+        let d = Data::new(op, shape, seed(i));
+        let best = |f: &dyn Fn()| {
+            (0..args.repeats)
+                .map(|_| timed(f).1)
+                .fold(f64::INFINITY, f64::min)
+        };
+        let emu = best(&|| {
+            run_op(&metered, op, &d);
+        });
+        let cpu = best(&|| {
+            run_op(&Cpu, op, &d);
+        });
+        println!(
+            "{:<22} {:>12} {:>10.3} {:>10.3} {:>9.1} {:>14}",
+            op.name(),
+            shape.to_string(),
+            emu * 1e3,
+            cpu * 1e3,
+            emu / cpu,
+            workspace_bytes(op, shape)
+        );
+    }
+    println!(
+        "workspace: scratch the op drivers allocate (row counts, per-row partial sums, results), \
+         plus the lse per row for the log-prob ops; the log-prob kernels stream the vocabulary \
+         with an online max/sum and keep no O(B*T*V) softmax"
+    );
+    Ok(())
+}

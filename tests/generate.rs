@@ -173,3 +173,57 @@ fn learned_positions_limit_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `rlhf generate` writes one JSONL line per completion with its tokens, their log-probs and the
+/// reason it stopped; `--num-samples` multiplies the prompts.
+#[test]
+fn cli_writes_jsonl_completions() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["generate", "--model"])
+        .arg(fixture("llama"))
+        .args([
+            "--prompt",
+            "Hello",
+            "--prompt",
+            "A longer prompt",
+            "--num-samples",
+            "2",
+        ])
+        .args([
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "20",
+            "--seed",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["prompt"], "Hello");
+    assert_eq!(lines[3]["prompt"], "A longer prompt");
+    for l in &lines {
+        let tokens = l["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty() && tokens.len() <= 6);
+        assert_eq!(tokens.len(), l["logprobs"].as_array().unwrap().len());
+        assert!(l["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x.as_f64().unwrap() <= 0.0));
+        assert!(["eos", "length"].contains(&l["finish_reason"].as_str().unwrap()));
+        assert!(l["completion"].is_string());
+    }
+}

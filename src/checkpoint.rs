@@ -298,6 +298,39 @@ impl Run {
         Ok(dst)
     }
 
+    /// The optimizer, step and micro-step a run starts from: restored from the checkpoint in
+    /// `resume` (its trainer state and directory), or fresh, with the tokenizer files of
+    /// `tok_dir` copied into the new run directory so that it is a complete HF directory.
+    pub fn start_optimizer<B: ModelOps>(
+        &self,
+        be: &B,
+        resume: Option<&(TrainerState, PathBuf)>,
+        cfg: OptimConfig,
+        n: usize,
+        tok_dir: &Path,
+    ) -> Result<(Optimizer<B>, u64, u64)> {
+        match resume {
+            Some((state, ck)) => {
+                self.note(&format!(
+                    "resuming from {} (step {})",
+                    ck.display(),
+                    state.step
+                ));
+                Ok((
+                    load_optimizer(be, ck, cfg, n)?,
+                    state.step,
+                    state.micro_step,
+                ))
+            }
+            None => {
+                if tok_dir != self.dir {
+                    copy_tokenizer_files(tok_dir, &self.dir)?;
+                }
+                Ok((Optimizer::new(be, cfg, n), 0, 0))
+            }
+        }
+    }
+
     /// Saves the final model into the run directory itself, which holds the tokenizer files
     /// already: the run directory is then an HF model directory.
     pub fn save_final<B: ModelOps>(&self, be: &B, model: &Model<B>) -> Result<()> {

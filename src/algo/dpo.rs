@@ -20,9 +20,9 @@ use crate::data::{self, Batches, PreferencePair, SftTokenizing};
 use crate::model::config::Head;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{shifted_targets, Activations};
-use crate::model::weights::{copy_tokenizer_files, write_atomic};
+use crate::model::weights::write_atomic;
 use crate::model::{Batch, Model};
-use crate::optim::{grad_norm, OptimConfig, Optimizer};
+use crate::optim::{grad_norm, OptimConfig};
 use crate::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
@@ -703,28 +703,12 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &DpoArgs) -> Result<DpoSummary
         keep_checkpoints: args.save_total_limit,
         quiet: args.quiet,
     })?;
-    let (mut opt, mut step, mut micro) = match &resume_from {
-        Some((state, ck)) => {
-            run.note(&format!(
-                "resuming from {} (step {}); reference log-probs from {REFERENCE_FILE}",
-                ck.display(),
-                state.step
-            ));
-            (
-                checkpoint::load_optimizer(be, ck, ocfg, model.layout.total)?,
-                state.step,
-                state.micro_step,
-            )
-        }
-        None => {
-            if tok_dir != out {
-                copy_tokenizer_files(&tok_dir, &out)?;
-            }
-            // Written before any checkpoint, so every checkpoint can be resumed from.
-            reference.save(&reference_path)?;
-            (Optimizer::new(be, ocfg, model.layout.total), 0, 0)
-        }
-    };
+    let (mut opt, mut step, mut micro) =
+        run.start_optimizer(be, resume_from.as_ref(), ocfg, model.layout.total, &tok_dir)?;
+    if resume_from.is_none() {
+        // Written before any checkpoint, so every checkpoint can be resumed from.
+        reference.save(&reference_path)?;
+    }
 
     let accum = args.grad_accum;
     let mut grads = be.zeros(model.layout.total);

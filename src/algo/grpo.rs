@@ -30,9 +30,8 @@ use crate::data::{self, Batches, RlPrompt};
 use crate::model::generate::{eos_ids, SamplingConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::shifted_targets;
-use crate::model::weights::copy_tokenizer_files;
 use crate::model::{Batch, Model, Pad};
-use crate::optim::{grad_norm, OptimConfig, Optimizer};
+use crate::optim::{grad_norm, OptimConfig};
 use crate::reward::{self, RewardSource};
 use crate::rng::Rng;
 use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutPrompt};
@@ -513,24 +512,13 @@ pub fn train<B: DecodeOps + LossOps>(
         keep_checkpoints: args.save_total_limit,
         quiet: args.quiet,
     })?;
-    let (mut opt, mut step, mut micro) = match &resume_from {
-        Some((state, ck)) => {
-            run.note(&format!(
-                "resuming from {} (step {})",
-                ck.display(),
-                state.step
-            ));
-            (
-                checkpoint::load_optimizer(be, ck, ocfg, model.layout.total)?,
-                state.step,
-                state.micro_step,
-            )
-        }
-        None => {
-            copy_tokenizer_files(&model_dir, &out)?;
-            (Optimizer::new(be, ocfg, model.layout.total), 0, 0)
-        }
-    };
+    let (mut opt, mut step, mut micro) = run.start_optimizer(
+        be,
+        resume_from.as_ref(),
+        ocfg,
+        model.layout.total,
+        &model_dir,
+    )?;
 
     let rcfg = RolloutConfig {
         sampling: SamplingConfig {

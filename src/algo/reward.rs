@@ -18,9 +18,8 @@ use crate::data::{self, Batches, PreferencePair, SftTokenizing};
 use crate::model::config::Head;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Activations;
-use crate::model::weights::copy_tokenizer_files;
 use crate::model::{Batch, Config, Layout, Model};
-use crate::optim::{grad_norm, OptimConfig, Optimizer};
+use crate::optim::{grad_norm, OptimConfig};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -484,26 +483,8 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &RmArgs) -> Result<RmSummary> 
         keep_checkpoints: args.save_total_limit,
         quiet: args.quiet,
     })?;
-    let (mut opt, mut step, mut micro) = match &resume_from {
-        Some((state, ck)) => {
-            run.note(&format!(
-                "resuming from {} (step {})",
-                ck.display(),
-                state.step
-            ));
-            (
-                checkpoint::load_optimizer(be, ck, ocfg, model.layout.total)?,
-                state.step,
-                state.micro_step,
-            )
-        }
-        None => {
-            if tok_dir != out {
-                copy_tokenizer_files(&tok_dir, &out)?;
-            }
-            (Optimizer::new(be, ocfg, model.layout.total), 0, 0)
-        }
-    };
+    let (mut opt, mut step, mut micro) =
+        run.start_optimizer(be, resume_from.as_ref(), ocfg, model.layout.total, &tok_dir)?;
 
     let accum = args.grad_accum;
     let mut grads = be.zeros(model.layout.total);

@@ -13,9 +13,8 @@ use crate::data::{self, Batches, SftExample, SftTokenizing};
 use crate::model::config::BUILTIN;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::shifted_targets;
-use crate::model::weights::copy_tokenizer_files;
 use crate::model::{random_params, Batch, Config, Layout, Model};
-use crate::optim::{grad_norm, OptimConfig, Optimizer};
+use crate::optim::{grad_norm, OptimConfig};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -426,26 +425,8 @@ pub fn train<B: ModelOps>(be: &B, args: &SftArgs) -> Result<SftSummary> {
         keep_checkpoints: args.save_total_limit,
         quiet: args.quiet,
     })?;
-    let (mut opt, mut step, mut micro) = match &resume_from {
-        Some((state, ck)) => {
-            run.note(&format!(
-                "resuming from {} (step {})",
-                ck.display(),
-                state.step
-            ));
-            (
-                checkpoint::load_optimizer(be, ck, ocfg, model.layout.total)?,
-                state.step,
-                state.micro_step,
-            )
-        }
-        None => {
-            if tok_dir != out {
-                copy_tokenizer_files(&tok_dir, &out)?;
-            }
-            (Optimizer::new(be, ocfg, model.layout.total), 0, 0)
-        }
-    };
+    let (mut opt, mut step, mut micro) =
+        run.start_optimizer(be, resume_from.as_ref(), ocfg, model.layout.total, &tok_dir)?;
 
     let accum = args.grad_accum;
     let mut grads = be.zeros(model.layout.total);

@@ -19,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole pipeline on a built-in task: SFT, reward model, PPO, GRPO and DPO cure a
+    /// sycophantic model; ends with a table of honest rates on held-out claims.
+    Demo(rlhf::demo::DemoArgs),
     /// Print the log-prob of every next token of some token rows, as JSON on stdout.
     Logprobs {
         /// A Hugging Face model directory (config.json, model.safetensors).
@@ -40,6 +43,8 @@ enum Cmd {
     Grpo(rlhf::algo::grpo::GrpoArgs),
     /// PPO: policy, frozen reference, reward source and critic; KL-shaped rewards, GAE, clipped losses.
     Ppo(rlhf::algo::ppo::PpoArgs),
+    /// Draw the reward and KL curves of a run's RL stages into a PNG.
+    Plot(rlhf::plot::PlotArgs),
     /// Run every CUDA kernel against the CPU reference over a sweep of shapes (emulated without a GPU).
     Validate(rlhf::validate::ValidateArgs),
     /// Benchmarks against PyTorch / transformers baselines.
@@ -85,6 +90,7 @@ fn keep_freed_memory() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Demo(args) => rlhf::demo::run(&args),
         Cmd::Logprobs { model, input } => logprobs(&model, &input),
         Cmd::Generate(args) => rlhf::model::generate::run(&args),
         Cmd::Sft(args) => rlhf::algo::sft::run(&args),
@@ -92,6 +98,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dpo(args) => rlhf::algo::dpo::run(&args),
         Cmd::Grpo(args) => rlhf::algo::grpo::run(&args),
         Cmd::Ppo(args) => rlhf::algo::ppo::run(&args),
+        Cmd::Plot(args) => rlhf::plot::run(&args),
         Cmd::Validate(args) => rlhf::validate::validate(&args),
         Cmd::Bench { what } => match what {
             BenchCmd::Train(args) => rlhf::bench::train(&args),

@@ -1,15 +1,19 @@
-//! The CUDA kernels in `kernels/`, run by the CPU emulation shim (`rlhf::backend::emu`), against
-//! the CPU reference and the TRL/PyTorch fixtures in `shared/fixtures/losses`; and the shim's own
-//! self-tests (DESIGN.md principle 3).
+//! The CUDA kernels in `kernels/`, run by the CPU emulation shim (`rlhf::backend::emu`) and, where
+//! a GPU is present, by the CUDA backend (`rlhf::backend::cuda`), against the CPU reference and the
+//! TRL/PyTorch fixtures in `shared/fixtures/losses`; and the shim's own self-tests (DESIGN.md
+//! principle 3).
 //!
-//! - `cpu::*`, `emu::*`: one suite, parameterised by backend. Each `fixture_*` function runs ops
-//!   on any backend through the [`LossOps`] trait (the log-prob op through [`LogprobOps`]) and
-//!   checks them against the fixtures; `backend_tests!` instantiates it for the CPU reference and
-//!   the emulated kernels. A device backend joins by adding a module there.
-//! - `emu_matches_cpu_*`: both backends on random small and odd shapes — one token, rows longer
-//!   than a block and not a multiple of it, more rows than a scan block, vocabularies not a
-//!   multiple of the block, all-masked rows, NaN on every pad — comparing every output, gradient
-//!   and scalar.
+//! - `cpu::*`, `emu::*`, `cuda::*`: one suite, parameterised by backend. Each `fixture_*` function
+//!   runs ops on any backend through the [`LossOps`] trait (the log-prob op through
+//!   [`LogprobOps`]) and checks them against the fixtures; `backend_tests!` instantiates it for
+//!   the CPU reference, the emulated kernels and the device. Each `matches_cpu_*` function runs a
+//!   kernel backend and the CPU reference on random small and odd shapes — one token, rows
+//!   longer than a block and not a multiple of it, more rows than a scan block, vocabularies not
+//!   a multiple of the block, all-masked rows, NaN on every pad — comparing every output,
+//!   gradient and scalar; it is instantiated for the emulator and the device.
+//! - `cuda::*` runs on CUDA device 0 when a driver and a device are present; otherwise each test
+//!   says SKIPPED on stderr (which the harness does not capture) and passes. A device that is
+//!   present but does not open fails them.
 //! - `shim_*`: the emulator itself: shuffles, atomics, shared memory, deadlock and signature
 //!   checks, the half-precision conversions, identical bits whatever the thread order, and that
 //!   a kernel missing a `__syncthreads` is caught.
@@ -33,12 +37,14 @@ mod common;
 use common::{Rng, RngVec};
 use half::{bf16, f16};
 use rlhf::backend::cpu::Cpu;
+use rlhf::backend::cuda::{Cuda, Elem};
 use rlhf::backend::emu::plan::{self, Arg, DevPtr, Kernel, Launch};
 use rlhf::backend::emu::{has_kernel, Emu, Launcher, Logits, LogitsMut};
 use rlhf::backend::loss::*;
 use rlhf::backend::{Backend, ModelOps};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::OnceLock;
 
 const TOL_FIXTURE: f64 = 1e-5;
@@ -299,6 +305,274 @@ impl LogprobOps for Emu {
             temp,
         );
         d
+    }
+}
+
+impl LogprobOps for Cuda {
+    fn logprobs(&self, logits: &[f32], targets: &[u32], v: usize, temp: f32) -> LogprobOut {
+        let n = targets.len();
+        let logits = self.upload(logits);
+        let (mut logp, mut entropy, mut lse) = (self.zeros(n), self.zeros(n), self.zeros(n));
+        Cuda::logprobs_forward(
+            self,
+            logp.view_mut(),
+            Some(entropy.view_mut()),
+            lse.view_mut(),
+            logits.view(),
+            targets,
+            n,
+            v,
+            temp,
+        )
+        .unwrap();
+        LogprobOut {
+            logp: down(self, &logp),
+            entropy: down(self, &entropy),
+            lse: down(self, &lse),
+        }
+    }
+    fn logprobs_grad(
+        &self,
+        init: &[f32],
+        logits: &[f32],
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        v: usize,
+        temp: f32,
+    ) -> Vec<f32> {
+        let n = targets.len();
+        let mut d = self.upload(init);
+        let (logits, lse, dlogp) = (self.upload(logits), self.upload(lse), self.upload(dlogp));
+        let dentropy = dentropy.map(|x| self.upload(x));
+        Cuda::logprobs_backward(
+            self,
+            d.view_mut(),
+            logits.view(),
+            targets,
+            lse.view(),
+            dlogp.view(),
+            dentropy.as_ref().map(|x| x.view()),
+            n,
+            v,
+            temp,
+        )
+        .unwrap();
+        down(self, &d)
+    }
+}
+
+/// The log-prob kernels on host logits of any type they read (f32, bf16, f16): the emulator's
+/// interface, which the device implements by uploading and downloading.
+trait HalfLogprobs {
+    #[allow(clippy::too_many_arguments)]
+    fn logprobs_forward(
+        &self,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+        lse: &mut [f32],
+        logits: Logits<'_>,
+        targets: &[u32],
+        n: usize,
+        v: usize,
+        temperature: f32,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn logprobs_backward(
+        &self,
+        dlogits: LogitsMut<'_>,
+        logits: Logits<'_>,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        n: usize,
+        v: usize,
+        temperature: f32,
+    );
+}
+
+impl HalfLogprobs for Emu {
+    fn logprobs_forward(
+        &self,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+        lse: &mut [f32],
+        logits: Logits<'_>,
+        targets: &[u32],
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        Emu::logprobs_forward(self, logp, entropy, lse, logits, targets, n, v, temperature)
+    }
+    fn logprobs_backward(
+        &self,
+        dlogits: LogitsMut<'_>,
+        logits: Logits<'_>,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        Emu::logprobs_backward(
+            self,
+            dlogits,
+            logits,
+            targets,
+            lse,
+            dlogp,
+            dentropy,
+            n,
+            v,
+            temperature,
+        )
+    }
+}
+
+/// The device's log-prob forward on host logits of type `T`.
+fn forward_typed<T: Elem>(
+    cuda: &Cuda,
+    out: [&mut [f32]; 3],
+    want_entropy: bool,
+    logits: &[T],
+    targets: &[u32],
+    v: usize,
+    temp: f32,
+) {
+    let n = targets.len();
+    let logits = cuda.upload_slice(logits).unwrap();
+    let (mut logp, mut entropy, mut lse) = (cuda.zeros(n), cuda.zeros(n), cuda.zeros(n));
+    Cuda::logprobs_forward(
+        cuda,
+        logp.view_mut(),
+        want_entropy.then(|| entropy.view_mut()),
+        lse.view_mut(),
+        logits.view(),
+        targets,
+        n,
+        v,
+        temp,
+    )
+    .unwrap();
+    for (dst, src) in out.into_iter().zip([&logp, &entropy, &lse]) {
+        dst.copy_from_slice(&down(cuda, src));
+    }
+}
+
+/// The device's log-prob backward on host logits and gradients of type `T`.
+#[allow(clippy::too_many_arguments)]
+fn backward_typed<T: Elem>(
+    cuda: &Cuda,
+    dlogits: &mut [T],
+    logits: &[T],
+    targets: &[u32],
+    lse: &[f32],
+    dlogp: &[f32],
+    dentropy: Option<&[f32]>,
+    v: usize,
+    temp: f32,
+) {
+    let n = targets.len();
+    let mut d = cuda.upload_slice(dlogits).unwrap();
+    let logits = cuda.upload_slice(logits).unwrap();
+    let (lse, dlogp) = (cuda.upload(lse), cuda.upload(dlogp));
+    let dentropy = dentropy.map(|x| cuda.upload(x));
+    Cuda::logprobs_backward(
+        cuda,
+        d.view_mut(),
+        logits.view(),
+        targets,
+        lse.view(),
+        dlogp.view(),
+        dentropy.as_ref().map(|x| x.view()),
+        n,
+        v,
+        temp,
+    )
+    .unwrap();
+    dlogits.copy_from_slice(&cuda.download_slice(d.view()).unwrap());
+}
+
+impl HalfLogprobs for Cuda {
+    fn logprobs_forward(
+        &self,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+        lse: &mut [f32],
+        logits: Logits<'_>,
+        targets: &[u32],
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        assert_eq!(targets.len(), n);
+        let want_entropy = entropy.is_some();
+        let mut unused = vec![0.0; n];
+        let out = [logp, entropy.unwrap_or(&mut unused), lse];
+        match logits {
+            Logits::F32(x) => forward_typed(self, out, want_entropy, x, targets, v, temperature),
+            Logits::Bf16(x) => forward_typed(self, out, want_entropy, x, targets, v, temperature),
+            Logits::F16(x) => forward_typed(self, out, want_entropy, x, targets, v, temperature),
+        }
+    }
+    fn logprobs_backward(
+        &self,
+        dlogits: LogitsMut<'_>,
+        logits: Logits<'_>,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        n: usize,
+        v: usize,
+        temperature: f32,
+    ) {
+        assert_eq!(targets.len(), n);
+        let (t, l, dp, de) = (targets, lse, dlogp, dentropy);
+        match (dlogits, logits) {
+            (LogitsMut::F32(d), Logits::F32(x)) => {
+                backward_typed(self, d, x, t, l, dp, de, v, temperature)
+            }
+            (LogitsMut::Bf16(d), Logits::Bf16(x)) => {
+                backward_typed(self, d, x, t, l, dp, de, v, temperature)
+            }
+            (LogitsMut::F16(d), Logits::F16(x)) => {
+                backward_typed(self, d, x, t, l, dp, de, v, temperature)
+            }
+            _ => panic!("logprobs_backward: dlogits and logits differ in type"),
+        }
+    }
+}
+
+/// CUDA device 0 with the kernels loaded, shared by the tests; `None` where there is no GPU
+/// (no driver, or a driver that sees no device). A device that is present but does not open
+/// fails the test that asks: that is a bug to see, not a GPU-less machine.
+fn device() -> Option<&'static Cuda> {
+    static DEVICE: OnceLock<Option<Cuda>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match Cuda::open(0) {
+            Ok(cuda) => Some(cuda),
+            Err(e) if e.is_no_device() => None,
+            Err(e) => panic!("a CUDA driver is present but the backend does not open: {e}"),
+        })
+        .as_ref()
+}
+
+/// Runs `check` on the device, or says on stderr (uncaptured) that it is skipped.
+fn on_device(name: &str, check: fn(&Cuda)) {
+    match device() {
+        Some(cuda) => check(cuda),
+        None => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED tests/kernels_emu.rs cuda::{name}: no CUDA device (no driver, or no GPU)"
+            );
+        }
     }
 }
 
@@ -657,31 +931,46 @@ fn run_dpo<B: LossOps>(be: &B, d: &DpoData<'_>, cfg: &DpoCfg) -> DpoOut {
 // ------------------------------------------------------------------------------------------------
 
 macro_rules! backend_tests {
-    ($($check:ident),* $(,)?) => {
+    (fixtures: [$($fx:ident),* $(,)?], comparisons: [$($cmp:ident),* $(,)?] $(,)?) => {
         /// The fixture suite on the CPU reference.
         mod cpu {
-            $(#[test] fn $check() { super::$check(&rlhf::backend::cpu::Cpu); })*
+            $(#[test] fn $fx() { super::$fx(&rlhf::backend::cpu::Cpu); })*
         }
-        /// The fixture suite on the emulated kernels.
+        /// The fixture suite and the comparisons with the CPU on the emulated kernels.
         mod emu {
-            $(#[test] fn $check() { super::$check(&rlhf::backend::emu::Emu::default()); })*
+            $(#[test] fn $fx() { super::$fx(&rlhf::backend::emu::Emu::default()); })*
+            $(#[test] fn $cmp() { super::$cmp(&rlhf::backend::emu::Emu::default()); })*
+        }
+        /// The same on CUDA device 0, where there is one.
+        mod cuda {
+            $(#[test] fn $fx() { super::on_device(stringify!($fx), super::$fx); })*
+            $(#[test] fn $cmp() { super::on_device(stringify!($cmp), super::$cmp); })*
         }
     };
 }
 
 backend_tests!(
-    fixture_logprobs,
-    fixture_kl,
-    fixture_ppo,
-    fixture_value_loss,
-    fixture_gae,
-    fixture_group_advantages,
-    fixture_grpo_loss,
-    fixture_dpo,
-    fixture_bt,
-    fixture_rpp,
-    fixture_dual_clip,
-    fixture_entropy_bonus,
+    fixtures: [
+        fixture_logprobs,
+        fixture_kl,
+        fixture_ppo,
+        fixture_value_loss,
+        fixture_gae,
+        fixture_group_advantages,
+        fixture_grpo_loss,
+        fixture_dpo,
+        fixture_bt,
+        fixture_rpp,
+        fixture_dual_clip,
+        fixture_entropy_bonus,
+    ],
+    comparisons: [
+        matches_cpu_policy_and_kl,
+        matches_cpu_value_loss_and_advantages,
+        matches_cpu_groups_and_pairs,
+        matches_cpu_logprobs_f32,
+        matches_cpu_logprobs_half,
+    ],
 );
 
 fn fixture_logprobs<B: LogprobOps>(be: &B) {
@@ -1175,8 +1464,7 @@ fn same_policy(what: &str, got: &PolicyOut, want: &PolicyOut) {
     );
 }
 
-#[test]
-fn emu_matches_cpu_policy_and_kl() {
+fn matches_cpu_policy_and_kl<B: LossOps>(be: &B) {
     let mut rng = Rng::new(7);
     for (b, t) in SHAPES {
         let batch = Batch::new(&mut rng, b, t);
@@ -1227,7 +1515,7 @@ fn emu_matches_cpu_policy_and_kl() {
             };
             let what = format!("policy_loss {b}x{t} {agg:?}");
             let want = run_policy(&Cpu, &d, &cfg, &init, 0.5);
-            let got = run_policy(&Emu::default(), &d, &cfg, &init, 0.5);
+            let got = run_policy(be, &d, &cfg, &init, 0.5);
             same_policy(&what, &got, &want);
             // Without the optional inputs: the kernel's null-pointer paths.
             let plain = PolicyData {
@@ -1237,22 +1525,13 @@ fn emu_matches_cpu_policy_and_kl() {
             };
             let cfg = ppo_cfg(agg);
             let want = run_policy(&Cpu, &plain, &cfg, &init, 1.0);
-            let got = run_policy(&Emu::default(), &plain, &cfg, &init, 1.0);
+            let got = run_policy(be, &plain, &cfg, &init, 1.0);
             same_policy(&format!("{what} plain"), &got, &want);
 
             for est in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3] {
                 let what = format!("kl {b}x{t} {agg:?} {est:?}");
                 let want = run_kl(&Cpu, &logp, &lref, &batch.mask, batch.rows, est, agg, &init);
-                let got = run_kl(
-                    &Emu::default(),
-                    &logp,
-                    &lref,
-                    &batch.mask,
-                    batch.rows,
-                    est,
-                    agg,
-                    &init,
-                );
+                let got = run_kl(be, &logp, &lref, &batch.mask, batch.rows, est, agg, &init);
                 assert_close(&what, &[got.0], &[want.0], TOL_CPU);
                 close32(&format!("{what} per_token"), &got.1, &want.1, TOL_CPU);
                 close32(&format!("{what} dx"), &got.2, &want.2, TOL_CPU);
@@ -1261,8 +1540,7 @@ fn emu_matches_cpu_policy_and_kl() {
     }
 }
 
-#[test]
-fn emu_matches_cpu_value_loss_and_advantages() {
+fn matches_cpu_value_loss_and_advantages<B: LossOps>(be: &B) {
     let mut rng = Rng::new(11);
     for (b, t) in SHAPES {
         let batch = Batch::new(&mut rng, b, t);
@@ -1290,16 +1568,7 @@ fn emu_matches_cpu_value_loss_and_advantages() {
             let want = run_value(
                 &Cpu, args.0, args.1, args.2, args.3, batch.rows, &cfg, &init,
             );
-            let got = run_value(
-                &Emu::default(),
-                args.0,
-                args.1,
-                args.2,
-                args.3,
-                batch.rows,
-                &cfg,
-                &init,
-            );
+            let got = run_value(be, args.0, args.1, args.2, args.3, batch.rows, &cfg, &init);
             assert_close(
                 &what,
                 &[got.0.loss, got.0.clipfrac, got.0.tokens],
@@ -1318,14 +1587,7 @@ fn emu_matches_cpu_value_loss_and_advantages() {
                 whiten,
             };
             let want = run_gae(&Cpu, &rewards, &values, &batch.mask, batch.rows, &cfg);
-            let got = run_gae(
-                &Emu::default(),
-                &rewards,
-                &values,
-                &batch.mask,
-                batch.rows,
-                &cfg,
-            );
+            let got = run_gae(be, &rewards, &values, &batch.mask, batch.rows, &cfg);
             close32(
                 &format!("gae {b}x{t} {whiten} adv"),
                 &got.0,
@@ -1364,7 +1626,7 @@ fn emu_matches_cpu_value_loss_and_advantages() {
                 0.97,
             );
             let got = run_rpp(
-                &Emu::default(),
+                be,
                 &values,
                 &lref,
                 &scores,
@@ -1380,8 +1642,7 @@ fn emu_matches_cpu_value_loss_and_advantages() {
     }
 }
 
-#[test]
-fn emu_matches_cpu_groups_and_pairs() {
+fn matches_cpu_groups_and_pairs<B: LossOps>(be: &B) {
     let mut rng = Rng::new(13);
     // n = 1, a few groups, and more groups than a block has threads (256).
     for (n, g) in [(1, 1), (12, 4), (10, 2), (8, 8), (1030, 5)] {
@@ -1404,7 +1665,7 @@ fn emu_matches_cpu_groups_and_pairs() {
                 };
                 let what = format!("group_advantages n={n} G={g} {baseline:?} {scale:?}");
                 let want = run_group(&Cpu, &rewards, &cfg);
-                let got = run_group(&Emu::default(), &rewards, &cfg);
+                let got = run_group(be, &rewards, &cfg);
                 close32(&format!("{what} adv"), &got.0, &want.0, TOL_CPU);
                 close32(&format!("{what} baseline"), &got.1, &want.1, TOL_CPU);
                 close32(&format!("{what} std"), &got.2, &want.2, TOL_CPU);
@@ -1420,7 +1681,7 @@ fn emu_matches_cpu_groups_and_pairs() {
         for (m, c) in [(None, 0.0), (Some(&margin[..]), 0.01)] {
             let cfg = BtCfg { center_coef: c };
             let want = run_bt(&Cpu, &rc, &rr, m, &cfg);
-            let got = run_bt(&Emu::default(), &rc, &rr, m, &cfg);
+            let got = run_bt(be, &rc, &rr, m, &cfg);
             let what = format!("bt_loss P={p} c={c}");
             let (g, w) = (&got.0, &want.0);
             assert_close(
@@ -1463,7 +1724,7 @@ fn emu_matches_cpu_groups_and_pairs() {
             };
             let what = format!("dpo {b}x{t} {loss:?}");
             let want = run_dpo(&Cpu, &d, &cfg);
-            let got = run_dpo(&Emu::default(), &d, &cfg);
+            let got = run_dpo(be, &d, &cfg);
             let (g, w) = (&got.stats, &want.stats);
             assert_close(
                 &what,
@@ -1529,10 +1790,8 @@ fn logits_case(rng: &mut Rng, n: usize, v: usize) -> (Vec<f32>, Vec<u32>) {
     (logits, targets)
 }
 
-#[test]
-fn emu_matches_cpu_logprobs_f32() {
+fn matches_cpu_logprobs_f32<B: LogprobOps>(be: &B) {
     let mut rng = Rng::new(17);
-    let emu = Emu::default();
     for (n, v) in LOGPROB_SHAPES {
         let (logits, targets) = logits_case(&mut rng, n, v);
         let dlogp = rng.vec_normal(n, 1.0);
@@ -1541,7 +1800,7 @@ fn emu_matches_cpu_logprobs_f32() {
         for temp in [1.0, 0.7] {
             let what = format!("logprobs {n}x{v} T={temp}");
             let want = Cpu.logprobs(&logits, &targets, v, temp);
-            let got = emu.logprobs(&logits, &targets, v, temp);
+            let got = be.logprobs(&logits, &targets, v, temp);
             close32(&format!("{what} logp"), &got.logp, &want.logp, TOL_CPU);
             close32(&format!("{what} lse"), &got.lse, &want.lse, TOL_CPU);
             close32(
@@ -1554,7 +1813,7 @@ fn emu_matches_cpu_logprobs_f32() {
                 let want =
                     Cpu.logprobs_grad(&init, &logits, &targets, &want.lse, &dlogp, dent, v, temp);
                 let got =
-                    emu.logprobs_grad(&init, &logits, &targets, &got.lse, &dlogp, dent, v, temp);
+                    be.logprobs_grad(&init, &logits, &targets, &got.lse, &dlogp, dent, v, temp);
                 close32(
                     &format!("{what} dlogits {}", dent.is_some()),
                     &got,
@@ -1568,10 +1827,8 @@ fn emu_matches_cpu_logprobs_f32() {
 
 /// bf16 and f16 logits: the kernels widen each logit exactly, so log-probs match the CPU op on the
 /// widened logits at f32 tolerance; logit gradients are rounded to the narrow type once.
-#[test]
-fn emu_matches_cpu_logprobs_half() {
+fn matches_cpu_logprobs_half<B: HalfLogprobs>(be: &B) {
     let mut rng = Rng::new(19);
-    let emu = Emu::default();
     for (n, v) in LOGPROB_SHAPES {
         let (logits, targets) = logits_case(&mut rng, n, v);
         let dlogp = rng.vec_normal(n, 1.0);
@@ -1598,7 +1855,7 @@ fn emu_matches_cpu_logprobs_half() {
             let what = format!("logprobs {name} {n}x{v}");
             let want = Cpu.logprobs(&wide, &targets, v, 0.9);
             let (mut logp, mut ent, mut lse) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-            emu.logprobs_forward(
+            be.logprobs_forward(
                 &mut logp,
                 Some(&mut ent),
                 &mut lse,
@@ -1616,7 +1873,7 @@ fn emu_matches_cpu_logprobs_half() {
                 Logits::Bf16(_) => {
                     let mut d: Vec<bf16> = init.iter().map(|&x| bf16::from_f32(x)).collect();
                     let start = d.iter().map(|x| x.to_f32()).collect();
-                    emu.logprobs_backward(
+                    be.logprobs_backward(
                         LogitsMut::Bf16(&mut d),
                         narrow,
                         &targets,
@@ -1632,7 +1889,7 @@ fn emu_matches_cpu_logprobs_half() {
                 Logits::F16(_) => {
                     let mut d: Vec<f16> = init.iter().map(|&x| f16::from_f32(x)).collect();
                     let start = d.iter().map(|x| x.to_f32()).collect();
-                    emu.logprobs_backward(
+                    be.logprobs_backward(
                         LogitsMut::F16(&mut d),
                         narrow,
                         &targets,

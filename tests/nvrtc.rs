@@ -2,211 +2,58 @@
 //! on a CPU, so this needs no GPU. Files: `kernels/*.cu` and the shim's self-tests
 //! `kernels/emu/*.cu` (held to what the real compiler accepts, like the kernels).
 //!
-//! NVRTC is loaded at run time, not linked: from the path in `RLHF_NVRTC` if set (CI installs the
-//! `nvidia-cuda-nvrtc-cu12` wheel and points it at `libnvrtc.so.12`), else `libnvrtc.so.12` or
-//! `libnvrtc.so` from the library path. If `RLHF_NVRTC` is set, failing to load it fails the test;
-//! if it is not set and no library is found, the test says SKIPPED (on stderr, which the test
-//! harness does not capture) and passes. A compile that fails, or that warns, fails the test with
-//! NVRTC's log.
+//! NVRTC is loaded at run time by the CUDA backend's loader (`rlhf::backend::cuda::nvrtc`): from
+//! the path in `RLHF_NVRTC` if set (CI installs the `nvidia-cuda-nvrtc-cu12` wheel and points it
+//! at `libnvrtc.so.12`), else `libnvrtc.so.12` or `libnvrtc.so` from the library path. If
+//! `RLHF_NVRTC` is set, failing to load it fails the test; if it is not set and no library is
+//! found, the test says SKIPPED (on stderr, which the test harness does not capture) and passes.
+//! A compile that fails, or that warns, fails the test with NVRTC's log.
 //!
 //! With `RLHF_PTX_OUT=dir` the PTX is written to `dir/<file>.<arch>.ptx` (`scripts/ptxas_report.sh`
 //! feeds it to `ptxas -v`).
 
+use rlhf::backend::cuda::nvrtc::{self, Nvrtc, NvrtcError, Output};
 use rlhf::backend::emu::plan;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// `nvrtcResult`; 0 is `NVRTC_SUCCESS`.
-type NvrtcResult = c_int;
-/// `nvrtcProgram`.
-type Program = *mut c_void;
-
-/// The NVRTC entry points this test calls, resolved from the loaded library.
-struct Nvrtc {
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult,
-    error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
-    create: unsafe extern "C" fn(
-        *mut Program,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> NvrtcResult,
-    compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> NvrtcResult,
-    log_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
-    log: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
-    ptx_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
-    ptx: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
-    destroy: unsafe extern "C" fn(*mut Program) -> NvrtcResult,
-}
-
-/// The symbol `symbol` of the library `handle` (loaded from `lib`) as a function pointer `F`.
-///
-/// # Safety
-///
-/// `handle` must be a live `dlopen` handle and `F` the function-pointer type of that symbol.
-unsafe fn sym<F: Copy>(handle: *mut c_void, lib: &str, symbol: &str) -> Result<F, String> {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    let c = CString::new(symbol).expect("symbol names have no NUL");
-    // SAFETY: `handle` is live (the caller's promise) and `c` is a NUL-terminated name.
-    let p = unsafe { libc::dlsym(handle, c.as_ptr()) };
-    if p.is_null() {
-        return Err(format!("{lib}: no symbol {symbol}"));
-    }
-    // SAFETY: `p` is the address of that function, and `F` its pointer type (the caller's
-    // promise), of the same size as a data pointer on the platforms dlsym serves.
-    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
-}
-
-/// The first of `names` that `dlopen` loads, or why none did.
-fn dlopen_any(names: &[String]) -> Result<(*mut c_void, String), String> {
-    let mut errors = Vec::new();
-    for name in names {
-        let c = CString::new(name.as_str()).map_err(|e| e.to_string())?;
-        // SAFETY: `c` is a NUL-terminated path; dlopen runs the library's initialisers, which for
-        // NVRTC only set up its own state.
-        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if !handle.is_null() {
-            return Ok((handle, name.clone()));
+/// The library's NVRTC as the module comment says: `None` means absent (skip); `RLHF_NVRTC`
+/// naming something that does not load fails the test.
+fn load() -> Option<&'static Nvrtc> {
+    match nvrtc::load() {
+        Ok(n) => Some(n),
+        Err(NvrtcError::NotFound(e)) => {
+            skip(&format!("libnvrtc not found ({e}); set RLHF_NVRTC=path"));
+            None
         }
-        // SAFETY: dlerror returns null or a NUL-terminated message owned by libc.
-        let err = unsafe { libc::dlerror() };
-        let msg = if err.is_null() {
-            "unknown error".to_string()
-        } else {
-            // SAFETY: non-null, NUL-terminated (above).
-            unsafe { CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        errors.push(format!("{name}: {msg}"));
+        Err(e) => panic!("{e}"),
     }
-    Err(errors.join("; "))
 }
 
-impl Nvrtc {
-    /// Loads NVRTC as the module comment says: `Ok(None)` means absent (skip), `Err` means
-    /// `RLHF_NVRTC` names something that does not load (fail).
-    fn load() -> Result<Option<(Nvrtc, String)>, String> {
-        let explicit = std::env::var("RLHF_NVRTC").ok();
-        let names = match &explicit {
-            Some(path) => vec![path.clone()],
-            None => vec!["libnvrtc.so.12".to_string(), "libnvrtc.so".to_string()],
-        };
-        let (handle, name) = match dlopen_any(&names) {
-            Ok(h) => h,
-            Err(e) if explicit.is_some() => return Err(format!("RLHF_NVRTC: {e}")),
-            Err(e) => {
-                skip(&format!("libnvrtc not found ({e}); set RLHF_NVRTC=path"));
-                return Ok(None);
-            }
-        };
-        // SAFETY (for every `sym` below): each field's type is the signature nvrtc.h gives the
-        // function of that name, and the library stays loaded (never dlclosed) for the life of
-        // the process.
-        let nvrtc = unsafe {
-            Nvrtc {
-                version: sym(handle, &name, "nvrtcVersion")?,
-                error_string: sym(handle, &name, "nvrtcGetErrorString")?,
-                create: sym(handle, &name, "nvrtcCreateProgram")?,
-                compile: sym(handle, &name, "nvrtcCompileProgram")?,
-                log_size: sym(handle, &name, "nvrtcGetProgramLogSize")?,
-                log: sym(handle, &name, "nvrtcGetProgramLog")?,
-                ptx_size: sym(handle, &name, "nvrtcGetPTXSize")?,
-                ptx: sym(handle, &name, "nvrtcGetPTX")?,
-                destroy: sym(handle, &name, "nvrtcDestroyProgram")?,
-            }
-        };
-        Ok(Some((nvrtc, name)))
+/// Compiles a kernel file from disk (its directory as the include path) for `arch`; the PTX, or
+/// the log of a compile that failed or warned.
+fn compile(
+    nvrtc: &Nvrtc,
+    name: &str,
+    source: &str,
+    include: &Path,
+    arch: &str,
+) -> Result<String, String> {
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        format!("--include-path={}", include.display()),
+        "--std=c++17".to_string(),
+    ];
+    let c = nvrtc
+        .compile(name, source, &[], &options, Output::Ptx)
+        .map_err(|e| format!("{name} ({arch}): {e}"))?;
+    if !c.log.is_empty() {
+        return Err(format!(
+            "{name} ({arch}) compiled with warnings:\n{}",
+            c.log
+        ));
     }
-
-    fn check(&self, what: &str, r: NvrtcResult) -> Result<(), String> {
-        if r == 0 {
-            return Ok(());
-        }
-        // SAFETY: nvrtcGetErrorString returns a static NUL-terminated string for any code.
-        let msg = unsafe { CStr::from_ptr((self.error_string)(r)) };
-        Err(format!("{what}: {}", msg.to_string_lossy()))
-    }
-
-    fn version(&self) -> Result<(i32, i32), String> {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: two valid out-pointers.
-        self.check("nvrtcVersion", unsafe {
-            (self.version)(&mut major, &mut minor)
-        })?;
-        Ok((major, minor))
-    }
-
-    /// Compiles `source` (named `name`, with `include` as its include directory) for `arch`;
-    /// returns the PTX, or the log of a failed or warning compile.
-    fn compile(
-        &self,
-        name: &str,
-        source: &str,
-        include: &Path,
-        arch: &str,
-    ) -> Result<String, String> {
-        let src = CString::new(source).map_err(|e| format!("{name}: {e}"))?;
-        let cname = CString::new(name).map_err(|e| format!("{name}: {e}"))?;
-        let options: Vec<CString> = [
-            format!("--gpu-architecture={arch}"),
-            format!("--include-path={}", include.display()),
-            "--std=c++17".to_string(),
-        ]
-        .into_iter()
-        .map(|o| CString::new(o).expect("options have no NUL"))
-        .collect();
-        let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
-        let mut prog: Program = std::ptr::null_mut();
-        // SAFETY: valid out-pointer, NUL-terminated source and name, no headers (null arrays
-        // with a count of 0).
-        let r = unsafe {
-            (self.create)(
-                &mut prog,
-                src.as_ptr(),
-                cname.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        self.check("nvrtcCreateProgram", r)?;
-        // SAFETY: `prog` was created above; the option strings outlive the call.
-        let compiled =
-            unsafe { (self.compile)(prog, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
-        let log = self.read(prog, self.log_size, self.log);
-        let result = match (self.check("nvrtcCompileProgram", compiled), log) {
-            (Ok(()), Ok(log)) if log.trim().is_empty() => self.read(prog, self.ptx_size, self.ptx),
-            (Ok(()), Ok(log)) => Err(format!("{name} ({arch}) compiled with warnings:\n{log}")),
-            (Err(e), Ok(log)) => Err(format!("{name} ({arch}): {e}\n{log}")),
-            (_, Err(e)) => Err(e),
-        };
-        // SAFETY: `prog` is live and destroyed once.
-        unsafe { (self.destroy)(&mut prog) };
-        result
-    }
-
-    /// Reads a size-then-contents string (the log or the PTX) of a program.
-    fn read(
-        &self,
-        prog: Program,
-        size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
-        get: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
-    ) -> Result<String, String> {
-        let mut n = 0usize;
-        // SAFETY: `prog` is live; `n` is a valid out-pointer.
-        self.check("size query", unsafe { size(prog, &mut n) })?;
-        let mut buf = vec![0u8; n.max(1)];
-        // SAFETY: `buf` holds the `n` bytes (NUL included) NVRTC said it will write.
-        self.check("read", unsafe {
-            get(prog, buf.as_mut_ptr() as *mut c_char)
-        })?;
-        let text = CStr::from_bytes_until_nul(&buf).map_err(|e| e.to_string())?;
-        Ok(text.to_string_lossy().into_owned())
-    }
+    String::from_utf8(c.image).map_err(|e| format!("{name} ({arch}): PTX is not UTF-8: {e}"))
 }
 
 /// Says the test is skipped, on stderr itself: libtest captures `eprintln!` of passing tests.
@@ -268,11 +115,8 @@ fn kernels_include_only_common_cuh() {
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
-    let (nvrtc, name) = match Nvrtc::load() {
-        Ok(Some(n)) => n,
-        Ok(None) => return,
-        Err(e) => panic!("{e}"),
-    };
+    let Some(nvrtc) = load() else { return };
+    let name = nvrtc.library();
     let (major, minor) = nvrtc.version().unwrap_or_else(|e| panic!("{e}"));
     let out = std::env::var_os("RLHF_PTX_OUT").map(PathBuf::from);
     if let Some(dir) = &out {
@@ -284,7 +128,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         let rel = relative(&file);
         let source = std::fs::read_to_string(&file).expect("readable");
         for arch in ["compute_80", "compute_90"] {
-            match nvrtc.compile(&rel, &source, &include, arch) {
+            match compile(nvrtc, &rel, &source, &include, arch) {
                 Ok(ptx) => {
                     for line in ptx.lines() {
                         if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {

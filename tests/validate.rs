@@ -8,7 +8,11 @@ use rlhf::validate::{
 /// The quick sweep covers every kernel family and passes against the CPU reference.
 #[test]
 fn quick_validate_passes() {
-    validate(&ValidateArgs { quick: true }).expect("every kernel within tolerance");
+    validate(&ValidateArgs {
+        quick: true,
+        ..Default::default()
+    })
+    .expect("every kernel within tolerance");
 }
 
 /// The quick benchmark runs end to end.
@@ -17,6 +21,7 @@ fn quick_bench_kernels_runs() {
     bench_kernels(&BenchKernelsArgs {
         quick: true,
         repeats: 1,
+        ..Default::default()
     })
     .unwrap();
 }

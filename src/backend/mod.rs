@@ -16,6 +16,7 @@
 //!   implement one family completely before the next.
 
 pub mod cpu;
+pub mod cuda;
 pub mod emu;
 pub mod loss;
 

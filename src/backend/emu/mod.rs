@@ -1,11 +1,12 @@
 //! The emulated CUDA backend: the kernels in `kernels/`, compiled by g++ against the emulation
 //! shim (`kernels/emu/`, built by build.rs), run on the CPU (DESIGN.md principle 3).
 //!
-//! [`Emu`] implements the loss family ([`LossOps`]) through exactly the host code a device
-//! backend uses — the launch plans in [`plan`] and the op drivers in [`ops`] — with host memory
-//! standing in for device memory, so tests check the kernels and all of that host code against
-//! the CPU reference without a GPU. The log-prob kernels are reached through
-//! [`Emu::logprobs_forward`] and [`Emu::logprobs_backward`], which also take bf16 and f16 logits.
+//! [`Emu`] implements the loss family ([`LossOps`](super::LossOps)) through exactly the host code
+//! the device backend ([`super::cuda`]) uses — the launch plans in [`plan`] and the op drivers in
+//! [`ops`] — with host memory standing in for device memory, so tests check the kernels and all
+//! of that host code against the CPU reference without a GPU. The log-prob kernels are reached
+//! through [`Emu::logprobs_forward`] and [`Emu::logprobs_backward`], which also take bf16 and f16
+//! logits.
 //!
 //! The shim runs one fiber per CUDA thread, blocks one after another, and resumes threads after
 //! each barrier in an order drawn from [`Emu::with_seed`]'s seed; a correct kernel gives the same
@@ -19,13 +20,7 @@ mod shim;
 pub use ops::{KernelError, Launcher};
 pub use shim::has_kernel;
 
-use super::loss::{
-    Aggregation, BtCfg, BtGrad, BtStats, DpoCfg, DpoGrad, DpoInputs, DpoOutputs, DpoStats, GaeCfg,
-    Grad, GroupAdvCfg, GroupAdvStats, KlEstimator, KlInputs, KlRewardCfg, PolicyLossCfg,
-    PolicyLossGrad, PolicyLossInputs, PolicyLossStats, Rows, ValueLossCfg, ValueLossInputs,
-    ValueLossStats,
-};
-use super::{Backend, LossOps};
+use super::Backend;
 use plan::{DevPtr, Dtype, Launch};
 use std::cell::Cell;
 use std::ops::Range;
@@ -277,10 +272,9 @@ unsafe impl Launcher for Emu {
         Ok((0..len).map(|_| Cell::new(0)).collect())
     }
     fn scratch_u32(&self, data: &[u32]) -> Result<Self::Scratch, KernelError> {
-        // Little-endian words: u32 `2k` in the low half of word k, as a `u32*` reads them.
-        Ok(data
-            .chunks(2)
-            .map(|c| Cell::new(c[0] as u64 | (c.get(1).copied().unwrap_or(0) as u64) << 32))
+        Ok(plan::pack_u32_words(data)
+            .into_iter()
+            .map(Cell::new)
             .collect())
     }
     fn scratch_ptr(&self, s: &Self::Scratch) -> DevPtr {
@@ -289,142 +283,15 @@ unsafe impl Launcher for Emu {
     fn read_f64(&self, s: &Self::Scratch, len: usize) -> Result<Vec<f64>, KernelError> {
         Ok(s[..len].iter().map(|c| f64::from_bits(c.get())).collect())
     }
+    fn synchronize(&self) -> Result<(), KernelError> {
+        // Every launch ran to completion before `launch` returned.
+        Ok(())
+    }
     unsafe fn launch(&self, l: &Launch) -> Result<(), KernelError> {
         // SAFETY: forwarded from the caller.
         unsafe { shim::launch(l, self.seed, self.drop_sync) }
     }
 }
 
-/// Runs a driver and turns a launch failure into a panic: the trait's ops are infallible, and
-/// on the emulator a failure is a bug in a kernel or a plan.
-fn run<T>(r: Result<T, KernelError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
-}
-
-impl LossOps for Emu {
-    fn masked_row_sum(
-        &self,
-        sums: &mut [f32],
-        counts: Option<&mut [f32]>,
-        x: &[f32],
-        mask: &[f32],
-        rows: Rows,
-    ) {
-        run(ops::masked_row_sum(self, sums, counts, x, mask, rows))
-    }
-
-    fn masked_row_sum_backward(&self, dx: &mut [f32], dsums: &[f32], mask: &[f32], rows: Rows) {
-        run(ops::masked_row_sum_backward(self, dx, dsums, mask, rows))
-    }
-
-    fn kl(
-        &self,
-        x: &KlInputs<'_, Self>,
-        estimator: KlEstimator,
-        agg: Aggregation,
-        per_token: Option<&mut [f32]>,
-        grad: Option<Grad<'_, Self>>,
-    ) -> f64 {
-        run(ops::kl(self, x, estimator, agg, per_token, grad))
-    }
-
-    fn policy_loss(
-        &self,
-        x: &PolicyLossInputs<'_, Self>,
-        cfg: &PolicyLossCfg,
-        per_token: Option<&mut [f32]>,
-        grad: Option<PolicyLossGrad<'_, Self>>,
-    ) -> PolicyLossStats {
-        run(ops::policy_loss(self, x, cfg, per_token, grad))
-    }
-
-    fn value_loss(
-        &self,
-        x: &ValueLossInputs<'_, Self>,
-        cfg: &ValueLossCfg,
-        per_token: Option<&mut [f32]>,
-        grad: Option<Grad<'_, Self>>,
-    ) -> ValueLossStats {
-        run(ops::value_loss(self, x, cfg, per_token, grad))
-    }
-
-    fn kl_shaped_rewards(
-        &self,
-        rewards: &mut [f32],
-        logp: &[f32],
-        logp_ref: &[f32],
-        scores: &[f32],
-        mask: &[f32],
-        rows: Rows,
-        cfg: &KlRewardCfg,
-    ) {
-        run(ops::kl_shaped_rewards(
-            self, rewards, logp, logp_ref, scores, mask, rows, cfg,
-        ))
-    }
-
-    fn gae(
-        &self,
-        advantages: &mut [f32],
-        returns: &mut [f32],
-        rewards: &[f32],
-        values: &[f32],
-        mask: &[f32],
-        rows: Rows,
-        cfg: &GaeCfg,
-    ) {
-        run(ops::gae(
-            self, advantages, returns, rewards, values, mask, rows, cfg,
-        ))
-    }
-
-    fn reinforce_pp(
-        &self,
-        advantages: &mut [f32],
-        returns: &mut [f32],
-        rewards: &[f32],
-        mask: &[f32],
-        rows: Rows,
-        gamma: f32,
-    ) {
-        run(ops::reinforce_pp(
-            self, advantages, returns, rewards, mask, rows, gamma,
-        ))
-    }
-
-    fn group_advantages(
-        &self,
-        advantages: &mut [f32],
-        baseline: Option<&mut [f32]>,
-        group_std: Option<&mut [f32]>,
-        rewards: &[f32],
-        n: usize,
-        cfg: &GroupAdvCfg,
-    ) -> GroupAdvStats {
-        run(ops::group_advantages(
-            self, advantages, baseline, group_std, rewards, n, cfg,
-        ))
-    }
-
-    fn bt_loss(
-        &self,
-        chosen: &[f32],
-        rejected: &[f32],
-        margin: Option<&[f32]>,
-        p: usize,
-        cfg: &BtCfg,
-        grad: Option<BtGrad<'_, Self>>,
-    ) -> BtStats {
-        run(ops::bt_loss(self, chosen, rejected, margin, p, cfg, grad))
-    }
-
-    fn dpo_loss(
-        &self,
-        x: &DpoInputs<'_, Self>,
-        cfg: &DpoCfg,
-        out: DpoOutputs<'_, Self>,
-        grad: Option<DpoGrad<'_, Self>>,
-    ) -> DpoStats {
-        run(ops::dpo_loss(self, x, cfg, out, grad))
-    }
-}
+// The loss family through the shared drivers, with the emulator as launcher.
+crate::loss_ops_via_launcher!([] Emu);

@@ -16,11 +16,11 @@ use crate::backend::loss::{
 };
 use crate::backend::Backend;
 
-/// A kernel launch that failed.
+/// A kernel launch, or the device work around it (an allocation, a copy), that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("kernel {kernel}: {msg}")]
+#[error("{kernel}: {msg}")]
 pub struct KernelError {
-    /// The kernel's name.
+    /// The kernel's name, or the operation that failed (`device memory`, `copy to host`).
     pub kernel: &'static str,
     /// What went wrong, as the launcher reports it.
     pub msg: String,
@@ -56,6 +56,9 @@ pub unsafe trait Launcher: Backend {
     fn scratch_ptr(&self, s: &Self::Scratch) -> DevPtr;
     /// The first `len` f64 values of scratch memory, once the work queued before is done.
     fn read_f64(&self, s: &Self::Scratch, len: usize) -> Result<Vec<f64>, KernelError>;
+    /// Waits until all work queued so far is done (a no-op where launches run to completion),
+    /// so that a host clock can time launches.
+    fn synchronize(&self) -> Result<(), KernelError>;
     /// Queues a launch; an empty grid ([`Launch::is_empty`]) runs nothing.
     ///
     /// # Safety
@@ -555,4 +558,169 @@ pub unsafe fn logprobs_backward<L: Launcher>(
     let launch = plan::logprob_bwd(dtype, p, l.scratch_ptr(&t), n, v, temperature);
     // SAFETY: the caller vouches for the tensors; the N targets are uploaded and all < V.
     unsafe { l.launch(&launch) }
+}
+
+/// `impl LossOps for $ty` by the drivers of this module, with `$ty` as the launcher; a launch
+/// failure panics, as the trait's ops are infallible. `[$($gen)*]` holds the impl's generic
+/// parameters, if any: `loss_ops_via_launcher!([] Emu)`, `loss_ops_via_launcher!([L: Launcher]
+/// Metered<L>)`. One expansion for every launcher, so the backends cannot drift apart.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! loss_ops_via_launcher {
+    ([$($gen:tt)*] $ty:ty) => {
+        impl<$($gen)*> $crate::backend::LossOps for $ty {
+            fn masked_row_sum(
+                &self,
+                sums: Self::ViewMut<'_>,
+                counts: Option<Self::ViewMut<'_>>,
+                x: Self::View<'_>,
+                mask: Self::View<'_>,
+                rows: $crate::backend::loss::Rows,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::masked_row_sum(
+                    self, sums, counts, x, mask, rows,
+                ))
+            }
+
+            fn masked_row_sum_backward(
+                &self,
+                dx: Self::ViewMut<'_>,
+                dsums: Self::View<'_>,
+                mask: Self::View<'_>,
+                rows: $crate::backend::loss::Rows,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::ops::masked_row_sum_backward(self, dx, dsums, mask, rows),
+                )
+            }
+
+            fn kl(
+                &self,
+                x: &$crate::backend::loss::KlInputs<'_, Self>,
+                estimator: $crate::backend::loss::KlEstimator,
+                agg: $crate::backend::loss::Aggregation,
+                per_token: Option<Self::ViewMut<'_>>,
+                grad: Option<$crate::backend::loss::Grad<'_, Self>>,
+            ) -> f64 {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::kl(
+                    self, x, estimator, agg, per_token, grad,
+                ))
+            }
+
+            fn policy_loss(
+                &self,
+                x: &$crate::backend::loss::PolicyLossInputs<'_, Self>,
+                cfg: &$crate::backend::loss::PolicyLossCfg,
+                per_token: Option<Self::ViewMut<'_>>,
+                grad: Option<$crate::backend::loss::PolicyLossGrad<'_, Self>>,
+            ) -> $crate::backend::loss::PolicyLossStats {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::policy_loss(
+                    self, x, cfg, per_token, grad,
+                ))
+            }
+
+            fn value_loss(
+                &self,
+                x: &$crate::backend::loss::ValueLossInputs<'_, Self>,
+                cfg: &$crate::backend::loss::ValueLossCfg,
+                per_token: Option<Self::ViewMut<'_>>,
+                grad: Option<$crate::backend::loss::Grad<'_, Self>>,
+            ) -> $crate::backend::loss::ValueLossStats {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::value_loss(
+                    self, x, cfg, per_token, grad,
+                ))
+            }
+
+            fn kl_shaped_rewards(
+                &self,
+                rewards: Self::ViewMut<'_>,
+                logp: Self::View<'_>,
+                logp_ref: Self::View<'_>,
+                scores: Self::View<'_>,
+                mask: Self::View<'_>,
+                rows: $crate::backend::loss::Rows,
+                cfg: &$crate::backend::loss::KlRewardCfg,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::kl_shaped_rewards(
+                    self, rewards, logp, logp_ref, scores, mask, rows, cfg,
+                ))
+            }
+
+            fn gae(
+                &self,
+                advantages: Self::ViewMut<'_>,
+                returns: Self::ViewMut<'_>,
+                rewards: Self::View<'_>,
+                values: Self::View<'_>,
+                mask: Self::View<'_>,
+                rows: $crate::backend::loss::Rows,
+                cfg: &$crate::backend::loss::GaeCfg,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::gae(
+                    self, advantages, returns, rewards, values, mask, rows, cfg,
+                ))
+            }
+
+            fn reinforce_pp(
+                &self,
+                advantages: Self::ViewMut<'_>,
+                returns: Self::ViewMut<'_>,
+                rewards: Self::View<'_>,
+                mask: Self::View<'_>,
+                rows: $crate::backend::loss::Rows,
+                gamma: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::reinforce_pp(
+                    self, advantages, returns, rewards, mask, rows, gamma,
+                ))
+            }
+
+            fn group_advantages(
+                &self,
+                advantages: Self::ViewMut<'_>,
+                baseline: Option<Self::ViewMut<'_>>,
+                group_std: Option<Self::ViewMut<'_>>,
+                rewards: Self::View<'_>,
+                n: usize,
+                cfg: &$crate::backend::loss::GroupAdvCfg,
+            ) -> $crate::backend::loss::GroupAdvStats {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::group_advantages(
+                    self, advantages, baseline, group_std, rewards, n, cfg,
+                ))
+            }
+
+            fn bt_loss(
+                &self,
+                chosen: Self::View<'_>,
+                rejected: Self::View<'_>,
+                margin: Option<Self::View<'_>>,
+                p: usize,
+                cfg: &$crate::backend::loss::BtCfg,
+                grad: Option<$crate::backend::loss::BtGrad<'_, Self>>,
+            ) -> $crate::backend::loss::BtStats {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::bt_loss(
+                    self, chosen, rejected, margin, p, cfg, grad,
+                ))
+            }
+
+            fn dpo_loss(
+                &self,
+                x: &$crate::backend::loss::DpoInputs<'_, Self>,
+                cfg: &$crate::backend::loss::DpoCfg,
+                out: $crate::backend::loss::DpoOutputs<'_, Self>,
+                grad: Option<$crate::backend::loss::DpoGrad<'_, Self>>,
+            ) -> $crate::backend::loss::DpoStats {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::ops::dpo_loss(
+                    self, x, cfg, out, grad,
+                ))
+            }
+        }
+    };
+}
+
+/// A driver's result, or a panic with its error: what the infallible trait ops do on a failed
+/// launch (on the emulator a bug in a kernel or a plan; on a device also a lost device or memory
+/// exhausted, which a training step cannot recover from either).
+pub fn or_panic<T>(r: Result<T, KernelError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
 }

@@ -1,7 +1,8 @@
 //! Launch plans: for every kernel in `kernels/`, its grid, block and shared-memory sizes and its
 //! arguments in the kernel's parameter order, written once. Every launcher takes the same
-//! [`Launch`] values — the emulated one ([`super::Emu`]) and a device one — so the emulated tests
-//! exercise all of the host code but the driver call (DESIGN.md principle 3).
+//! [`Launch`] values — the emulated one ([`super::Emu`]) and the device one
+//! ([`crate::backend::cuda::Cuda`]) — so the emulated tests exercise all of the host code but the
+//! driver call (DESIGN.md principle 3).
 //!
 //! Each plan function names the kernel whose C signature it mirrors; [`Launch::signature`] lets
 //! the emulator check every launch's argument types against the kernel's, so a plan that drifts
@@ -164,6 +165,22 @@ impl Launch {
     pub fn signature(&self) -> String {
         self.args.iter().map(|a| a.code()).collect()
     }
+
+    /// The arguments packed for a launch, one 8-byte slot each in parameter order
+    /// ([`Arg::bits`]): every launcher passes a pointer to slot `i` as the kernel's parameter `i`,
+    /// from which the launch reads as many bytes as that parameter's type has.
+    pub fn param_slots(&self) -> Vec<u64> {
+        self.args.iter().map(|a| a.bits()).collect()
+    }
+}
+
+/// Host u32 values (token ids) packed into 8-byte words as a `u32*` reads them from memory:
+/// value `2k` in the low half of word `k` (little-endian), a trailing odd value padded with 0.
+/// Launchers keep scratch memory in 8-byte words, so this is how ids reach a kernel.
+pub fn pack_u32_words(data: &[u32]) -> Vec<u64> {
+    data.chunks(2)
+        .map(|c| c[0] as u64 | (c.get(1).copied().unwrap_or(0) as u64) << 32)
+        .collect()
 }
 
 /// A size as a kernel's `int`; panics past `i32::MAX`, far beyond any batch this engine forms.
@@ -204,6 +221,24 @@ pub enum Dtype {
     Bf16,
     /// IEEE half.
     F16,
+}
+
+/// An element type the log-prob kernels read logits in.
+pub trait LogitType: Copy + Send + Sync + 'static {
+    /// The kernels' name for it.
+    const DTYPE: Dtype;
+}
+
+impl LogitType for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+
+impl LogitType for half::bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+}
+
+impl LogitType for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
 }
 
 /// Pointers of `logprob_fwd_*` (its targets come separately: they are host ids uploaded per call).

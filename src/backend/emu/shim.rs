@@ -64,7 +64,7 @@ pub unsafe fn launch(l: &Launch, seed: u64, drop_sync: u32) -> Result<(), Kernel
         seed,
     };
     let signature = CString::new(l.signature()).expect("type codes are ASCII letters");
-    let mut slots: Vec<u64> = l.args.iter().map(|a| a.bits()).collect();
+    let mut slots = l.param_slots();
     let mut params: Vec<*mut c_void> = slots
         .iter_mut()
         .map(|s| s as *mut u64 as *mut c_void)

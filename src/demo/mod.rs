@@ -1,0 +1,507 @@
+//! `rlhf demo`: the whole pipeline on a built-in task, from nothing to a table. A tiny model
+//! learns from SFT data in which it often flatters users who are wrong ("Is 17 + 25 = 43?" →
+//! "Yes, that's right!"); a reward model learns from preference pairs that honesty wins; then
+//! PPO (against the reward model), GRPO (against the rule checker) and DPO (on the pairs), each
+//! from the SFT model, make it honest, and all four are judged on held-out claims.
+//!
+//! Every stage is an ordinary trainer run in its own directory under `--out`, marked complete
+//! by a `stage.json` written last; a rerun skips complete stages and resumes an interrupted
+//! one from its latest checkpoint, so Ctrl-C loses at most the stage under way's steps since
+//! its last checkpoint.
+
+pub mod eval;
+pub mod judge;
+pub mod task;
+
+use crate::algo::{dpo, grpo, ppo, reward as rm, sft};
+use crate::backend::cpu::Cpu;
+use crate::checkpoint::{latest_checkpoint, RUN_CONFIG_FILE};
+use crate::model::config::Config;
+use crate::model::weights::{copy_tokenizer_files, write_atomic, SaveDtype};
+use crate::model::{random_params, Layout, Model};
+use crate::{Error, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use task::TaskConfig;
+
+/// Arguments of `rlhf demo`.
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DemoArgs {
+    /// Run directory; rerunning with the same one skips the stages already complete.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Seed of the data, the initialisation and every stage.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Multiplies every stage's step count (2: train twice as long).
+    #[arg(long, default_value_t = 1.0)]
+    pub steps_scale: f64,
+    /// A run small enough for CI: fewer claims, fewer steps, a smaller evaluation.
+    #[arg(long)]
+    pub quick: bool,
+    /// No progress bars or notes (the table is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Everything the demo's stages are given: the data's sizes, the model's shape, each
+/// trainer's settings. Recorded in `demo_config.json`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    pub task: TaskConfig,
+    pub d_model: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub sft_steps: usize,
+    pub sft_batch: usize,
+    pub sft_lr: f32,
+    pub rm_steps: usize,
+    pub rm_lr: f32,
+    pub ppo_steps: usize,
+    pub ppo_prompts: usize,
+    pub ppo_lr: f32,
+    pub grpo_steps: usize,
+    pub grpo_prompts: usize,
+    pub grpo_lr: f32,
+    pub dpo_steps: usize,
+    pub dpo_lr: f32,
+    /// Samples per held-out claim at temperature 1.
+    pub eval_samples: usize,
+}
+
+impl Plan {
+    /// The settings for `args`: the default run, or the quick one, with step counts scaled.
+    pub fn new(args: &DemoArgs) -> Result<Plan> {
+        if !(args.steps_scale.is_finite() && args.steps_scale > 0.0) {
+            return Err(Error::Invalid(format!(
+                "--steps-scale must be a positive number, got {}",
+                args.steps_scale
+            )));
+        }
+        let mut p = Plan {
+            task: TaskConfig {
+                sft_examples: 40_000,
+                preference_pairs: 4_000,
+                rl_prompts: 4_000,
+                eval_claims: 200,
+                sycophancy: 0.5,
+                wrong_share: 0.5,
+                verdict_weight: 3.0,
+            },
+            d_model: 128,
+            n_layer: 4,
+            n_head: 8,
+            sft_steps: 3000,
+            sft_batch: 64,
+            sft_lr: 3e-3,
+            rm_steps: 300,
+            rm_lr: 1e-3,
+            ppo_steps: 150,
+            ppo_prompts: 32,
+            ppo_lr: 3e-4,
+            grpo_steps: 250,
+            grpo_prompts: 16,
+            grpo_lr: 3e-4,
+            dpo_steps: 600,
+            dpo_lr: 3e-4,
+            eval_samples: 4,
+        };
+        if args.quick {
+            p.task.sft_examples = 4_000;
+            p.task.preference_pairs = 400;
+            p.task.rl_prompts = 400;
+            p.task.eval_claims = 64;
+            p.d_model = 64;
+            p.n_layer = 2;
+            p.sft_steps = 300;
+            p.rm_steps = 40;
+            p.ppo_steps = 10;
+            p.grpo_steps = 10;
+            p.dpo_steps = 30;
+        }
+        let scale = |n: &mut usize| *n = ((*n as f64 * args.steps_scale).round() as usize).max(1);
+        for n in [
+            &mut p.sft_steps,
+            &mut p.rm_steps,
+            &mut p.ppo_steps,
+            &mut p.grpo_steps,
+            &mut p.dpo_steps,
+        ] {
+            scale(n);
+        }
+        Ok(p)
+    }
+
+    /// The model's configuration: a small Llama (RMSNorm, RoPE, SwiGLU) over the task's
+    /// vocabulary.
+    fn model_config(
+        &self,
+        vocab_size: usize,
+        tok: &crate::model::tokenizer::Tokenizer,
+    ) -> Result<Config> {
+        let base = Config::builtin("llama-tiny", vocab_size)?;
+        let cfg = Config {
+            hidden_size: self.d_model,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_kv_head: self.n_head,
+            head_dim: self.d_model / self.n_head,
+            intermediate_size: self.d_model * 8 / 3 / 16 * 16,
+            max_position: 64,
+            bos_token_id: tok.bos_id(),
+            eos_token_ids: tok.eos_id().into_iter().collect(),
+            pad_token_id: tok.pad_id(),
+            ..base
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The file that marks a stage complete, with its wall time.
+const STAGE_FILE: &str = "stage.json";
+
+/// Where a demo run keeps things.
+struct Dirs {
+    root: PathBuf,
+}
+
+impl Dirs {
+    fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    fn stage(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// How a stage went: its wall time (from the run that completed it).
+struct StageDone {
+    seconds: f64,
+}
+
+/// Runs `train` in `RUN/name` unless `stage.json` says it is complete. `train` gets the
+/// directory and whether to resume (an earlier run was interrupted after a checkpoint); a
+/// directory interrupted before its first checkpoint is cleared and started afresh.
+fn stage(
+    dirs: &Dirs,
+    name: &str,
+    quiet: bool,
+    train: impl FnOnce(&Path, bool) -> Result<()>,
+) -> Result<StageDone> {
+    let dir = dirs.stage(name);
+    let marker = dir.join(STAGE_FILE);
+    if marker.is_file() {
+        let v: Value = read_json(&marker)?;
+        if !quiet {
+            println!("[{name}] complete in an earlier run: skipped");
+        }
+        return Ok(StageDone {
+            seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
+        });
+    }
+    let resume = dir.join(RUN_CONFIG_FILE).is_file() && latest_checkpoint(&dir)?.is_some();
+    if dir.exists() && !resume {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    if !quiet {
+        println!(
+            "[{name}] {}",
+            if resume {
+                "resuming from its latest checkpoint"
+            } else {
+                "starting"
+            }
+        );
+    }
+    let t0 = Instant::now();
+    train(&dir, resume)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    write_atomic(
+        &marker,
+        serde_json::to_string_pretty(
+            &json!({ "stage": name, "seconds": seconds, "resumed": resume }),
+        )
+        .expect("JSON values serialise")
+        .as_bytes(),
+    )?;
+    Ok(StageDone { seconds })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display())))
+}
+
+/// Writes the data, the tokenizer and the randomly initialised model (`RUN/init`), unless an
+/// earlier run did.
+fn prepare(be: &Cpu, dirs: &Dirs, plan: &Plan, seed: u64) -> Result<()> {
+    let init = dirs.stage("init");
+    if init.join("model.safetensors").is_file() {
+        return Ok(());
+    }
+    let data = task::make(&plan.task, seed);
+    task::write_tokenizer(&dirs.data())?;
+    let tok = crate::model::tokenizer::Tokenizer::load(&dirs.data())?;
+    task::write(&data, &plan.task, &tok, &dirs.data())?;
+    let cfg = plan.model_config(tok.vocab_size(), &tok)?;
+    let layout = Layout::new(&cfg);
+    let model = Model::new(be, cfg, &random_params(&layout, 0.02, seed))?;
+    copy_tokenizer_files(&dirs.data(), &init)?;
+    model.save(be, &init, SaveDtype::F32)
+}
+
+/// `rlhf demo`.
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let be = Cpu;
+    let plan = Plan::new(args)?;
+    let dirs = Dirs {
+        root: args.out.clone(),
+    };
+    std::fs::create_dir_all(&dirs.root).map_err(|e| Error::io(&dirs.root, e))?;
+    let record =
+        json!({ "args": args, "plan": plan, "engine": crate::checkpoint::engine_version() });
+    let record_path = dirs.root.join("demo_config.json");
+    if record_path.is_file() {
+        let old = read_json(&record_path)?;
+        anyhow::ensure!(
+            old["args"] == record["args"] && old["plan"] == record["plan"],
+            "{} holds a demo run with other settings ({}); rerun with those, or choose another --out",
+            dirs.root.display(),
+            record_path.display()
+        );
+    } else {
+        write_atomic(
+            &record_path,
+            serde_json::to_string_pretty(&record)?.as_bytes(),
+        )?;
+    }
+    prepare(&be, &dirs, &plan, args.seed)?;
+    let data = dirs.data();
+    let init = dirs.stage("init").display().to_string();
+    let common = |out: &Path, resume: bool| (out.to_path_buf(), resume, args.seed, args.quiet);
+    let mut times = Vec::new();
+
+    let sft_dir = dirs.stage("sft");
+    times.push(stage(&dirs, "sft", args.quiet, |out, resume| {
+        let (out, resume, seed, quiet) = common(out, resume);
+        let a = sft::SftArgs {
+            model: Some(init.clone()),
+            data: Some(data.join("sft.jsonl")),
+            out: Some(out),
+            max_steps: Some(plan.sft_steps),
+            batch_size: Some(plan.sft_batch),
+            lr: Some(plan.sft_lr),
+            warmup_steps: plan.sft_steps / 20,
+            weight_decay: 0.1,
+            eval_every: 0,
+            save_every: 250,
+            seed,
+            resume,
+            quiet,
+            ..sft::SftArgs::default()
+        };
+        sft::train(&be, &a).map(|_| ())
+    })?);
+    let sft_model = sft_dir.display().to_string();
+
+    let rm_dir = dirs.stage("rm");
+    times.push(stage(&dirs, "rm", args.quiet, |out, resume| {
+        let (out, resume, seed, quiet) = common(out, resume);
+        let a = rm::RmArgs {
+            model: Some(sft_model.clone()),
+            data: Some(data.join("preferences.jsonl")),
+            out: Some(out),
+            max_steps: Some(plan.rm_steps),
+            batch_size: 32,
+            lr: plan.rm_lr,
+            eval_every: 0,
+            save_every: 100,
+            seed,
+            resume,
+            quiet,
+            ..rm::RmArgs::default()
+        };
+        rm::train(&be, &a).map(|_| ())
+    })?);
+
+    times.push(stage(&dirs, "ppo", args.quiet, |out, resume| {
+        let (out, resume, seed, quiet) = common(out, resume);
+        let a = ppo::PpoArgs {
+            model: Some(sft_model.clone()),
+            data: Some(data.join("prompts.jsonl")),
+            reward: vec![format!("model={}", rm_dir.display())],
+            critic_init: Some(ppo::CriticInit::Reward),
+            out: Some(out),
+            steps: plan.ppo_steps,
+            prompts_per_step: plan.ppo_prompts,
+            lr: plan.ppo_lr,
+            max_new_tokens: eval::MAX_NEW_TOKENS,
+            temperature: 1.0,
+            save_every: 20,
+            seed,
+            resume,
+            quiet,
+            ..ppo::PpoArgs::default()
+        };
+        ppo::train(&be, &a).map(|_| ())
+    })?);
+
+    times.push(stage(&dirs, "grpo", args.quiet, |out, resume| {
+        let (out, resume, seed, quiet) = common(out, resume);
+        let a = grpo::GrpoArgs {
+            model: Some(sft_dir.clone()),
+            data: Some(data.join("prompts.jsonl")),
+            reward: vec!["demo honesty judge".into()],
+            out: Some(out),
+            steps: Some(plan.grpo_steps),
+            prompts_per_step: plan.grpo_prompts,
+            num_generations: 4,
+            lr: plan.grpo_lr,
+            max_new_tokens: eval::MAX_NEW_TOKENS,
+            save_every: 20,
+            seed,
+            resume,
+            quiet,
+            ..grpo::GrpoArgs::default()
+        };
+        grpo::train(&be, &a, &mut judge::HonestyReward).map(|_| ())
+    })?);
+
+    times.push(stage(&dirs, "dpo", args.quiet, |out, resume| {
+        let (out, resume, seed, quiet) = common(out, resume);
+        let a = dpo::DpoArgs {
+            model: Some(sft_model.clone()),
+            data: Some(data.join("preferences.jsonl")),
+            out: Some(out),
+            max_steps: Some(plan.dpo_steps),
+            batch_size: 16,
+            lr: plan.dpo_lr,
+            eval_every: 0,
+            save_every: 100,
+            seed,
+            resume,
+            quiet,
+            ..dpo::DpoArgs::default()
+        };
+        dpo::train(&be, &a).map(|_| ())
+    })?);
+
+    let rows = evaluate_all(&be, &dirs, &plan, args, &times)?;
+    print_table(&rows);
+    let summary = json!({
+        "seed": args.seed,
+        "eval_claims": plan.task.eval_claims,
+        "samples_per_claim": plan.eval_samples,
+        "models": rows.iter().map(|r| json!({"model": r.name, "scores": r.scores, "seconds": r.seconds})).collect::<Vec<_>>(),
+    });
+    write_atomic(
+        &dirs.root.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let png = crate::plot::plot_run(&dirs.root, None)?;
+    println!(
+        "Summary: {}; reward and KL curves: {}",
+        dirs.root.join("summary.json").display(),
+        png.display()
+    );
+    Ok(())
+}
+
+/// One row of the closing table.
+struct Row {
+    name: &'static str,
+    scores: eval::Scores,
+    seconds: f64,
+}
+
+/// Judges the SFT model and the three RL models on the held-out claims; each model's scores
+/// are kept in `RUN/eval/NAME.json`, so a rerun does not judge it again.
+fn evaluate_all(
+    be: &Cpu,
+    dirs: &Dirs,
+    plan: &Plan,
+    args: &DemoArgs,
+    times: &[StageDone],
+) -> Result<Vec<Row>> {
+    let tok = crate::model::tokenizer::Tokenizer::load(&dirs.data())?;
+    let claims: Vec<task::Claim> = task::read_eval(&dirs.data().join("eval.jsonl"))?;
+    let sft = Model::load(be, &dirs.stage("sft"))?;
+    let eval_dir = dirs.root.join("eval");
+    std::fs::create_dir_all(&eval_dir).map_err(|e| Error::io(&eval_dir, e))?;
+    // Wall time: SFT's own, and each RL model's on top of what it started from (the RM for PPO).
+    let names = ["sft", "ppo", "grpo", "dpo"];
+    let secs = [
+        times[0].seconds,
+        times[1].seconds + times[2].seconds,
+        times[3].seconds,
+        times[4].seconds,
+    ];
+    let mut rows = Vec::new();
+    for (name, seconds) in names.into_iter().zip(secs) {
+        let path = eval_dir.join(format!("{name}.json"));
+        let scores = if path.is_file() {
+            serde_json::from_value(read_json(&path)?)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?
+        } else {
+            if !args.quiet {
+                println!("[eval] judging {name} on {} held-out claims", claims.len());
+            }
+            let model = Model::load(be, &dirs.stage(name))?;
+            let s = eval::evaluate(
+                be,
+                &model,
+                &sft,
+                &tok,
+                &claims,
+                plan.eval_samples,
+                args.seed,
+            )?;
+            write_atomic(
+                &path,
+                serde_json::to_string_pretty(&s)
+                    .expect("JSON values serialise")
+                    .as_bytes(),
+            )?;
+            s
+        };
+        rows.push(Row {
+            name,
+            scores,
+            seconds,
+        });
+    }
+    Ok(rows)
+}
+
+/// Prints the closing table.
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<6} {:>14} {:>14} {:>16} {:>16} {:>8} {:>10} {:>8}",
+        "model",
+        "honest|wrong",
+        "honest|right",
+        "greedy h|wrong",
+        "greedy h|right",
+        "length",
+        "KL to SFT",
+        "time"
+    );
+    for r in rows {
+        let s = &r.scores;
+        println!(
+            "{:<6} {:>13.1}% {:>13.1}% {:>15.1}% {:>15.1}% {:>8.1} {:>10.3} {:>7.0}s",
+            r.name,
+            100.0 * s.honest_wrong,
+            100.0 * s.honest_right,
+            100.0 * s.greedy_honest_wrong,
+            100.0 * s.greedy_honest_right,
+            s.mean_length,
+            s.kl_to_sft,
+            r.seconds
+        );
+    }
+}

@@ -61,6 +61,9 @@ pub struct Plan {
     pub ppo_steps: usize,
     pub ppo_prompts: usize,
     pub ppo_lr: f32,
+    /// The KL penalty's coefficient: TRL's 0.05 let PPO drift into what the reward model
+    /// scores well but never saw (misquoted operands), 0.1 keeps it near the SFT model.
+    pub ppo_kl_coef: f32,
     pub grpo_steps: usize,
     pub grpo_prompts: usize,
     pub grpo_lr: f32,
@@ -97,28 +100,30 @@ impl Plan {
             sft_lr: 3e-3,
             rm_steps: 300,
             rm_lr: 1e-3,
-            ppo_steps: 150,
+            ppo_steps: 100,
             ppo_prompts: 32,
             ppo_lr: 3e-4,
-            grpo_steps: 250,
+            ppo_kl_coef: 0.1,
+            grpo_steps: 150,
             grpo_prompts: 16,
             grpo_lr: 3e-4,
-            dpo_steps: 600,
-            dpo_lr: 3e-4,
+            dpo_steps: 300,
+            dpo_lr: 2e-4,
             eval_samples: 4,
         };
         if args.quick {
-            p.task.sft_examples = 4_000;
-            p.task.preference_pairs = 400;
-            p.task.rl_prompts = 400;
+            p.task.sft_examples = 8_000;
+            p.task.preference_pairs = 1_000;
+            p.task.rl_prompts = 1_000;
             p.task.eval_claims = 64;
             p.d_model = 64;
-            p.n_layer = 2;
-            p.sft_steps = 300;
-            p.rm_steps = 40;
-            p.ppo_steps = 10;
-            p.grpo_steps = 10;
-            p.dpo_steps = 30;
+            p.n_layer = 3;
+            p.n_head = 4;
+            p.sft_steps = 800;
+            p.rm_steps = 60;
+            p.ppo_steps = 20;
+            p.grpo_steps = 30;
+            p.dpo_steps = 60;
         }
         let scale = |n: &mut usize| *n = ((*n as f64 * args.steps_scale).round() as usize).max(1);
         for n in [
@@ -162,20 +167,6 @@ impl Plan {
 /// The file that marks a stage complete, with its wall time.
 const STAGE_FILE: &str = "stage.json";
 
-/// Where a demo run keeps things.
-struct Dirs {
-    root: PathBuf,
-}
-
-impl Dirs {
-    fn data(&self) -> PathBuf {
-        self.root.join("data")
-    }
-    fn stage(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
-
 /// How a stage went: its wall time (from the run that completed it).
 struct StageDone {
     seconds: f64,
@@ -185,12 +176,12 @@ struct StageDone {
 /// directory and whether to resume (an earlier run was interrupted after a checkpoint); a
 /// directory interrupted before its first checkpoint is cleared and started afresh.
 fn stage(
-    dirs: &Dirs,
+    root: &Path,
     name: &str,
     quiet: bool,
     train: impl FnOnce(&Path, bool) -> Result<()>,
 ) -> Result<StageDone> {
-    let dir = dirs.stage(name);
+    let dir = root.join(name);
     let marker = dir.join(STAGE_FILE);
     if marker.is_file() {
         let v: Value = read_json(&marker)?;
@@ -237,19 +228,19 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// Writes the data, the tokenizer and the randomly initialised model (`RUN/init`), unless an
 /// earlier run did.
-fn prepare(be: &Cpu, dirs: &Dirs, plan: &Plan, seed: u64) -> Result<()> {
-    let init = dirs.stage("init");
+fn prepare(be: &Cpu, root: &Path, plan: &Plan, seed: u64) -> Result<()> {
+    let init = root.join("init");
     if init.join("model.safetensors").is_file() {
         return Ok(());
     }
     let data = task::make(&plan.task, seed);
-    task::write_tokenizer(&dirs.data())?;
-    let tok = crate::model::tokenizer::Tokenizer::load(&dirs.data())?;
-    task::write(&data, &plan.task, &tok, &dirs.data())?;
+    task::write_tokenizer(&root.join("data"))?;
+    let tok = crate::model::tokenizer::Tokenizer::load(&root.join("data"))?;
+    task::write(&data, &plan.task, &tok, &root.join("data"))?;
     let cfg = plan.model_config(tok.vocab_size(), &tok)?;
     let layout = Layout::new(&cfg);
     let model = Model::new(be, cfg, &random_params(&layout, 0.02, seed))?;
-    copy_tokenizer_files(&dirs.data(), &init)?;
+    copy_tokenizer_files(&root.join("data"), &init)?;
     model.save(be, &init, SaveDtype::F32)
 }
 
@@ -257,19 +248,17 @@ fn prepare(be: &Cpu, dirs: &Dirs, plan: &Plan, seed: u64) -> Result<()> {
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let be = Cpu;
     let plan = Plan::new(args)?;
-    let dirs = Dirs {
-        root: args.out.clone(),
-    };
-    std::fs::create_dir_all(&dirs.root).map_err(|e| Error::io(&dirs.root, e))?;
+    let root = args.out.as_path();
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let record =
         json!({ "args": args, "plan": plan, "engine": crate::checkpoint::engine_version() });
-    let record_path = dirs.root.join("demo_config.json");
+    let record_path = root.join("demo_config.json");
     if record_path.is_file() {
         let old = read_json(&record_path)?;
         anyhow::ensure!(
             old["args"] == record["args"] && old["plan"] == record["plan"],
             "{} holds a demo run with other settings ({}); rerun with those, or choose another --out",
-            dirs.root.display(),
+            root.display(),
             record_path.display()
         );
     } else {
@@ -278,19 +267,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&record)?.as_bytes(),
         )?;
     }
-    prepare(&be, &dirs, &plan, args.seed)?;
-    let data = dirs.data();
-    let init = dirs.stage("init").display().to_string();
-    let common = |out: &Path, resume: bool| (out.to_path_buf(), resume, args.seed, args.quiet);
+    prepare(&be, root, &plan, args.seed)?;
+    let data = root.join("data");
+    let init = root.join("init").display().to_string();
     let mut times = Vec::new();
 
-    let sft_dir = dirs.stage("sft");
-    times.push(stage(&dirs, "sft", args.quiet, |out, resume| {
-        let (out, resume, seed, quiet) = common(out, resume);
+    let sft_dir = root.join("sft");
+    times.push(stage(root, "sft", args.quiet, |out, resume| {
         let a = sft::SftArgs {
             model: Some(init.clone()),
             data: Some(data.join("sft.jsonl")),
-            out: Some(out),
+            out: Some(out.to_path_buf()),
             max_steps: Some(plan.sft_steps),
             batch_size: Some(plan.sft_batch),
             lr: Some(plan.sft_lr),
@@ -298,98 +285,95 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             weight_decay: 0.1,
             eval_every: 0,
             save_every: 250,
-            seed,
+            seed: args.seed,
             resume,
-            quiet,
+            quiet: args.quiet,
             ..sft::SftArgs::default()
         };
         sft::train(&be, &a).map(|_| ())
     })?);
     let sft_model = sft_dir.display().to_string();
 
-    let rm_dir = dirs.stage("rm");
-    times.push(stage(&dirs, "rm", args.quiet, |out, resume| {
-        let (out, resume, seed, quiet) = common(out, resume);
+    let rm_dir = root.join("rm");
+    times.push(stage(root, "rm", args.quiet, |out, resume| {
         let a = rm::RmArgs {
             model: Some(sft_model.clone()),
             data: Some(data.join("preferences.jsonl")),
-            out: Some(out),
+            out: Some(out.to_path_buf()),
             max_steps: Some(plan.rm_steps),
             batch_size: 32,
             lr: plan.rm_lr,
             eval_every: 0,
             save_every: 100,
-            seed,
+            seed: args.seed,
             resume,
-            quiet,
+            quiet: args.quiet,
             ..rm::RmArgs::default()
         };
         rm::train(&be, &a).map(|_| ())
     })?);
 
-    times.push(stage(&dirs, "ppo", args.quiet, |out, resume| {
-        let (out, resume, seed, quiet) = common(out, resume);
+    times.push(stage(root, "ppo", args.quiet, |out, resume| {
         let a = ppo::PpoArgs {
             model: Some(sft_model.clone()),
             data: Some(data.join("prompts.jsonl")),
             reward: vec![format!("model={}", rm_dir.display())],
             critic_init: Some(ppo::CriticInit::Reward),
-            out: Some(out),
+            out: Some(out.to_path_buf()),
             steps: plan.ppo_steps,
             prompts_per_step: plan.ppo_prompts,
             lr: plan.ppo_lr,
+            kl_coef: plan.ppo_kl_coef,
             max_new_tokens: eval::MAX_NEW_TOKENS,
             temperature: 1.0,
             save_every: 20,
-            seed,
+            seed: args.seed,
             resume,
-            quiet,
+            quiet: args.quiet,
             ..ppo::PpoArgs::default()
         };
         ppo::train(&be, &a).map(|_| ())
     })?);
 
-    times.push(stage(&dirs, "grpo", args.quiet, |out, resume| {
-        let (out, resume, seed, quiet) = common(out, resume);
+    times.push(stage(root, "grpo", args.quiet, |out, resume| {
         let a = grpo::GrpoArgs {
             model: Some(sft_dir.clone()),
             data: Some(data.join("prompts.jsonl")),
             reward: vec!["demo honesty judge".into()],
-            out: Some(out),
+            out: Some(out.to_path_buf()),
             steps: Some(plan.grpo_steps),
             prompts_per_step: plan.grpo_prompts,
             num_generations: 4,
             lr: plan.grpo_lr,
             max_new_tokens: eval::MAX_NEW_TOKENS,
             save_every: 20,
-            seed,
+            seed: args.seed,
             resume,
-            quiet,
+            quiet: args.quiet,
             ..grpo::GrpoArgs::default()
         };
         grpo::train(&be, &a, &mut judge::HonestyReward).map(|_| ())
     })?);
 
-    times.push(stage(&dirs, "dpo", args.quiet, |out, resume| {
-        let (out, resume, seed, quiet) = common(out, resume);
+    times.push(stage(root, "dpo", args.quiet, |out, resume| {
         let a = dpo::DpoArgs {
             model: Some(sft_model.clone()),
             data: Some(data.join("preferences.jsonl")),
-            out: Some(out),
+            out: Some(out.to_path_buf()),
             max_steps: Some(plan.dpo_steps),
             batch_size: 16,
             lr: plan.dpo_lr,
             eval_every: 0,
             save_every: 100,
-            seed,
+            seed: args.seed,
             resume,
-            quiet,
+            quiet: args.quiet,
             ..dpo::DpoArgs::default()
         };
         dpo::train(&be, &a).map(|_| ())
     })?);
 
-    let rows = evaluate_all(&be, &dirs, &plan, args, &times)?;
+    let rows = evaluate_all(&be, root, &plan, args, &times)?;
     print_table(&rows);
     let summary = json!({
         "seed": args.seed,
@@ -398,13 +382,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "models": rows.iter().map(|r| json!({"model": r.name, "scores": r.scores, "seconds": r.seconds})).collect::<Vec<_>>(),
     });
     write_atomic(
-        &dirs.root.join("summary.json"),
+        &root.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    let png = crate::plot::plot_run(&dirs.root, None)?;
+    let png = crate::plot::plot_run(root, None)?;
     println!(
         "Summary: {}; reward and KL curves: {}",
-        dirs.root.join("summary.json").display(),
+        root.join("summary.json").display(),
         png.display()
     );
     Ok(())
@@ -421,15 +405,15 @@ struct Row {
 /// are kept in `RUN/eval/NAME.json`, so a rerun does not judge it again.
 fn evaluate_all(
     be: &Cpu,
-    dirs: &Dirs,
+    root: &Path,
     plan: &Plan,
     args: &DemoArgs,
     times: &[StageDone],
 ) -> Result<Vec<Row>> {
-    let tok = crate::model::tokenizer::Tokenizer::load(&dirs.data())?;
-    let claims: Vec<task::Claim> = task::read_eval(&dirs.data().join("eval.jsonl"))?;
-    let sft = Model::load(be, &dirs.stage("sft"))?;
-    let eval_dir = dirs.root.join("eval");
+    let tok = crate::model::tokenizer::Tokenizer::load(&root.join("data"))?;
+    let claims: Vec<task::Claim> = task::read_eval(&root.join("data").join("eval.jsonl"))?;
+    let sft = Model::load(be, &root.join("sft"))?;
+    let eval_dir = root.join("eval");
     std::fs::create_dir_all(&eval_dir).map_err(|e| Error::io(&eval_dir, e))?;
     // Wall time: SFT's own, and each RL model's on top of what it started from (the RM for PPO).
     let names = ["sft", "ppo", "grpo", "dpo"];
@@ -449,7 +433,7 @@ fn evaluate_all(
             if !args.quiet {
                 println!("[eval] judging {name} on {} held-out claims", claims.len());
             }
-            let model = Model::load(be, &dirs.stage(name))?;
+            let model = Model::load(be, &root.join(name))?;
             let s = eval::evaluate(
                 be,
                 &model,

@@ -75,6 +75,17 @@ impl Claim {
         format!(" Yes, {} + {} = {}.", self.a, self.b, self.claimed)
     }
 
+    /// A disagreement that misquotes one operand and adds up the misquote correctly.
+    pub fn misquoted(&self, rng: &mut Rng) -> String {
+        let (lo, hi) = OPERANDS;
+        let mut other = self.a;
+        while other == self.a {
+            other = lo + rng.below((hi - lo + 1) as usize) as u32;
+        }
+        let (a, b) = (other, self.b);
+        format!(" No, {a} + {b} = {}, not {}.", a + b, self.claimed)
+    }
+
     /// A disagreement with a wrong sum (neither the truth nor the claim).
     pub fn miscalculated(&self, rng: &mut Rng) -> String {
         let wrong = self.wrong_value(rng, &[self.claimed]);
@@ -84,14 +95,17 @@ impl Claim {
         )
     }
 
-    /// A plausible value other than the sum and `avoid`: off by a little, by ten, or anywhere.
+    /// A plausible value other than the sum and `avoid`: off by ten (a slipped carry) or
+    /// anywhere. Slips of one or two are left out: they change only the units digit, and
+    /// checking that before writing any of the answer is the one part of the task a model of
+    /// the demo's size does not learn in its budget (it stays near chance on them), which
+    /// would leave the stages nothing to show but that limit.
     fn wrong_value(&self, rng: &mut Rng, avoid: &[u32]) -> u32 {
         let s = self.sum() as i64;
         let (lo, hi) = (CLAIMED.0 as i64, CLAIMED.1 as i64);
         loop {
-            let v = match rng.below(4) {
-                0 => s + [-2, -1, 1, 2][rng.below(4)],
-                1 => s + [-10, 10][rng.below(2)],
+            let v = match rng.below(2) {
+                0 => s + [-10, 10][rng.below(2)],
                 _ => lo + rng.below((hi - lo) as usize + 1) as i64,
             };
             if (lo..=hi).contains(&v) && v != s && !avoid.contains(&(v as u32)) {
@@ -188,13 +202,15 @@ pub fn make(cfg: &TaskConfig, seed: u64) -> TaskData {
     let preferences = (0..cfg.preference_pairs)
         .map(|_| {
             let c = draw(&mut rng);
-            // Wrong claims: flattery, agreement restating the wrong sum, or a miscalculated
-            // correction loses (a reward model that never saw the restatement would take its
-            // form for honesty, and PPO would find that). Right claims: a miscalculated
-            // disagreement loses, so that always disagreeing is not rewarded.
-            let rejected = match (c.is_right(), rng.below(3)) {
+            // Wrong claims: flattery, agreement restating the wrong sum, a miscalculated
+            // correction, or one that misquotes an operand loses. Right claims: a miscalculated
+            // or misquoting disagreement loses, so that always disagreeing is not rewarded.
+            // A reward model that never saw restatements or misquotes takes their form for
+            // honesty, and PPO finds that: "No, 42 + 10 = 52, not 22." to "Is 12 + 10 = 22?".
+            let rejected = match (c.is_right(), rng.below(4)) {
                 (false, 0) => SYCOPHANTIC.to_string(),
                 (false, 1) => c.agreeing(),
+                (_, 2 | 3) if rng.below(2) == 0 => c.misquoted(&mut rng),
                 _ => c.miscalculated(&mut rng),
             };
             (c, c.honest(), rejected)

@@ -11,6 +11,10 @@ pub const COMMON_CUH: &str = include_str!("../../../kernels/common.cuh");
 /// Every kernel file of `kernels/`, by the name [`Kernel::file`](crate::backend::emu::plan::Kernel)
 /// gives it, with its source: embedded, so the binary compiles them wherever it runs.
 pub const SOURCES: &[(&str, &str)] = &[
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+    ),
     ("kl.cu", include_str!("../../../kernels/kl.cu")),
     ("logprob.cu", include_str!("../../../kernels/logprob.cu")),
     ("ppo_loss.cu", include_str!("../../../kernels/ppo_loss.cu")),

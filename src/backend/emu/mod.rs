@@ -6,7 +6,8 @@
 //! [`ops`] — with host memory standing in for device memory, so tests check the kernels and all
 //! of that host code against the CPU reference without a GPU. The log-prob kernels are reached
 //! through [`Emu::logprobs_forward`] and [`Emu::logprobs_backward`], which also take bf16 and f16
-//! logits.
+//! logits, and the attention kernels through [`Emu::attention_forward`],
+//! [`Emu::attention_backward`] and [`Emu::attention_decode`], with f32 or bf16 activations.
 //!
 //! The shim runs one fiber per CUDA thread, blocks one after another, and resumes threads after
 //! each barrier in an order drawn from [`Emu::with_seed`]'s seed; a correct kernel gives the same
@@ -20,8 +21,8 @@ mod shim;
 pub use ops::{KernelError, Launcher};
 pub use shim::has_kernel;
 
-use super::Backend;
-use plan::{DevPtr, Dtype, Launch};
+use super::{AttnShape, Backend};
+use plan::{AttnType, DevPtr, Dtype, Launch};
 use std::cell::Cell;
 use std::ops::Range;
 
@@ -135,6 +136,107 @@ impl Emu {
         unsafe { ops::logprobs_backward(self, dtype, p, targets, n, v, temperature) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// `ModelOps::attention_forward` on the kernels, with activations of any [`AttnType`] (f32 or
+    /// bf16; lse is f32). out: (B·T, NH·HD), lse: (B, NH, T), qkv: (B·T, qkv_width),
+    /// key_mask: (B·T).
+    pub fn attention_forward<E: AttnType>(
+        &self,
+        out: &mut [E],
+        lse: &mut [f32],
+        qkv: &[E],
+        key_mask: &[bool],
+        shape: AttnShape,
+    ) {
+        check_attention_lens("attention_forward", &shape, qkv.len(), out.len(), lse.len());
+        let p = plan::AttnFwdPtrs {
+            qkv: ptr(qkv),
+            out: mut_ptr(out),
+            lse: mut_ptr(lse),
+        };
+        // SAFETY: every tensor's length was checked against the shape above (the driver checks the
+        // shape and the mask), and the slices outlive the call, which runs the kernel to
+        // completion.
+        unsafe { ops::attention_forward(self, E::ATTN, p, key_mask, shape) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ModelOps::attention_backward` on the kernels: `dqkv += ∂loss/∂qkv`, all activations of one
+    /// [`AttnType`]. dqkv, qkv: (B·T, qkv_width), dout, out: (B·T, NH·HD), lse: (B, NH, T) from
+    /// the forward, key_mask: (B·T).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward<E: AttnType>(
+        &self,
+        dqkv: &mut [E],
+        dout: &[E],
+        qkv: &[E],
+        out: &[E],
+        lse: &[f32],
+        key_mask: &[bool],
+        shape: AttnShape,
+    ) {
+        let op = "attention_backward";
+        check_attention_lens(op, &shape, qkv.len(), out.len(), lse.len());
+        assert_eq!(dqkv.len(), qkv.len(), "{op}: dqkv and qkv differ in length");
+        assert_eq!(dout.len(), out.len(), "{op}: dout and out differ in length");
+        let p = plan::AttnBwdPtrs {
+            dqkv: mut_ptr(dqkv),
+            dout: ptr(dout),
+            qkv: ptr(qkv),
+            out: ptr(out),
+            lse: ptr(lse),
+        };
+        // SAFETY: as in `attention_forward`.
+        unsafe { ops::attention_backward(self, E::ATTN, p, key_mask, shape) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `DecodeOps::attention_decode` on the kernels, activations and cache of one [`AttnType`]:
+    /// one query row per sequence against cache columns `0..len`. out: (B, NH·HD),
+    /// qkv: (B, qkv_width), k_cache, v_cache: (B, KVH, t_max, HD), key_mask: (B·t_max).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode<E: AttnType>(
+        &self,
+        out: &mut [E],
+        qkv: &[E],
+        k_cache: &[E],
+        v_cache: &[E],
+        key_mask: &[bool],
+        shape: AttnShape,
+        len: usize,
+        t_max: usize,
+    ) {
+        let op = "attention_decode";
+        let s = &shape;
+        assert_eq!(
+            qkv.len(),
+            s.b * s.qkv_width(),
+            "{op}: qkv is not B·qkv_width"
+        );
+        assert_eq!(out.len(), s.b * s.out_width(), "{op}: out is not B·NH·HD");
+        let cache = s.b * s.n_kv_head * t_max * s.head_dim;
+        assert!(
+            k_cache.len() == cache && v_cache.len() == cache,
+            "{op}: caches are not B·KVH·TMAX·HD"
+        );
+        let p = plan::AttnDecodePtrs {
+            qkv: ptr(qkv),
+            k_cache: ptr(k_cache),
+            v_cache: ptr(v_cache),
+            out: mut_ptr(out),
+        };
+        // SAFETY: as in `attention_forward` (the driver also checks `len <= t_max`).
+        unsafe { ops::attention_decode(self, E::ATTN, p, key_mask, shape, len, t_max) }
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Panics unless qkv, out and lse hold what `s` says (the CPU op's messages).
+fn check_attention_lens(op: &str, s: &AttnShape, qkv: usize, out: usize, lse: usize) {
+    let n = s.b * s.t;
+    assert_eq!(qkv, n * s.qkv_width(), "{op}: qkv is not B·T·qkv_width");
+    assert_eq!(out, n * s.out_width(), "{op}: out is not B·T·NH·HD");
+    assert_eq!(lse, s.b * s.n_head * s.t, "{op}: lse is not B·NH·T");
 }
 
 /// Logits for the log-prob kernels, of any of the types they read.
@@ -207,11 +309,11 @@ impl LogitsMut<'_> {
     }
 }
 
-fn ptr(x: &[f32]) -> DevPtr {
+fn ptr<T>(x: &[T]) -> DevPtr {
     DevPtr(x.as_ptr() as u64)
 }
 
-fn mut_ptr(x: &mut [f32]) -> DevPtr {
+fn mut_ptr<T>(x: &mut [T]) -> DevPtr {
     DevPtr(x.as_mut_ptr() as u64)
 }
 

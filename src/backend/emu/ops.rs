@@ -1,20 +1,21 @@
-//! The loss family and the log-prob ops driven through the kernels: which kernels run in which
-//! order, the scratch they share (row counts, per-row partial sums, results) and the few numbers
-//! read back. Generic over the [`Launcher`], so the emulated backend and a device backend run
-//! exactly this code and differ only in how a [`Launch`] reaches the kernel.
+//! The loss family, the log-prob ops and attention driven through the kernels: which kernels run
+//! in which order, the scratch they share (row counts, per-row partial sums, attention's D,
+//! results) and the few numbers read back. Generic over the [`Launcher`], so the emulated backend
+//! and a device backend run exactly this code and differ only in how a [`Launch`] reaches the
+//! kernel.
 //!
 //! Every driver checks each view's length against the op's shapes (with the CPU reference's
 //! messages) before it launches anything: a kernel trusts its sizes, so this is what makes the
 //! launches sound.
 
-use super::plan::{self, DevPtr, Dtype, Launch, Whiten};
+use super::plan::{self, AttnDtype, DevPtr, Dtype, Launch, Whiten};
 use crate::backend::loss::{
     Advantages, Aggregation, BtCfg, BtGrad, BtStats, DpoCfg, DpoGrad, DpoInputs, DpoLoss,
     DpoOutputs, DpoStats, GaeCfg, Grad, GroupAdvCfg, GroupAdvStats, GroupBaseline, KlEstimator,
     KlInputs, KlRewardCfg, PolicyLossCfg, PolicyLossGrad, PolicyLossInputs, PolicyLossStats, Rows,
     ValueLossCfg, ValueLossInputs, ValueLossStats,
 };
-use crate::backend::Backend;
+use crate::backend::{AttnShape, Backend};
 
 /// A kernel launch, or the device work around it (an allocation, a copy), that failed.
 #[derive(Debug, thiserror::Error)]
@@ -557,6 +558,125 @@ pub unsafe fn logprobs_backward<L: Launcher>(
     let t = l.scratch_u32(targets)?;
     let launch = plan::logprob_bwd(dtype, p, l.scratch_ptr(&t), n, v, temperature);
     // SAFETY: the caller vouches for the tensors; the N targets are uploaded and all < V.
+    unsafe { l.launch(&launch) }
+}
+
+/// Panics unless the attention kernels take this shape and mask (a kernel would read out of
+/// bounds instead): whole query groups per key/value head, as the CPU op demands, a head dim
+/// within [`plan::ATTN_MAX_HEAD_DIM`] (a lane holds four dims of each accumulator row), and one
+/// mask flag per key.
+fn check_attention(op: &str, s: &AttnShape, mask: usize, keys: usize) {
+    assert!(
+        s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+        "{op}: n_head {} is not a multiple of n_kv_head {}",
+        s.n_head,
+        s.n_kv_head
+    );
+    assert!(
+        s.head_dim <= plan::ATTN_MAX_HEAD_DIM,
+        "{op}: head_dim {} above the kernels' {}",
+        s.head_dim,
+        plan::ATTN_MAX_HEAD_DIM
+    );
+    check_len(&format!("{op}: key_mask"), mask, keys);
+}
+
+/// True when an attention op has nothing to compute, where the CPU op returns at once: no query,
+/// no head, or an empty head (on which the kernels would divide by zero).
+fn attention_is_empty(s: &AttnShape) -> bool {
+    s.b == 0 || s.t == 0 || s.n_head == 0 || s.head_dim == 0
+}
+
+/// Key flags as the kernels read them: u32 0 (padding) or 1.
+fn upload_mask<L: Launcher>(l: &L, mask: &[bool]) -> Result<L::Scratch, KernelError> {
+    l.scratch_u32(&mask.iter().map(|&m| m as u32).collect::<Vec<_>>())
+}
+
+/// `ModelOps::attention_forward` for f32 or bf16 activations; the host key mask (B·T) is uploaded
+/// here.
+///
+/// # Safety
+///
+/// The pointers must address the tensors [`plan::AttnFwdPtrs`] documents for shape `s`, of type
+/// `dtype`, valid for the launch.
+pub unsafe fn attention_forward<L: Launcher>(
+    l: &L,
+    dtype: AttnDtype,
+    p: plan::AttnFwdPtrs,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    check_attention("attention_forward", &s, key_mask.len(), s.b * s.t);
+    if attention_is_empty(&s) {
+        return Ok(());
+    }
+    let mask = upload_mask(l, key_mask)?;
+    let launch = plan::attn_fwd(dtype, p, l.scratch_ptr(&mask), s);
+    // SAFETY: the caller vouches for the tensors; the shape was checked above and the B·T mask
+    // flags are uploaded.
+    unsafe { l.launch(&launch) }
+}
+
+/// `ModelOps::attention_backward` for f32 or bf16 activations (dqkv is added to): D, then dq, then
+/// dk and dv. The host key mask (B·T) is uploaded here, and D kept in scratch memory.
+///
+/// # Safety
+///
+/// The pointers must address the tensors [`plan::AttnBwdPtrs`] documents for shape `s`, of type
+/// `dtype`, valid for the launches.
+pub unsafe fn attention_backward<L: Launcher>(
+    l: &L,
+    dtype: AttnDtype,
+    p: plan::AttnBwdPtrs,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    check_attention("attention_backward", &s, key_mask.len(), s.b * s.t);
+    if attention_is_empty(&s) {
+        return Ok(());
+    }
+    let mask = upload_mask(l, key_mask)?;
+    // D, (B, NH, T) f32: two values to an 8-byte scratch word.
+    let d = l.scratch((s.b * s.n_head * s.t).div_ceil(2))?;
+    let (mask, d) = (l.scratch_ptr(&mask), l.scratch_ptr(&d));
+    // SAFETY: the caller vouches for the tensors; the shape was checked above, the B·T mask flags
+    // are uploaded, and the scratch holds B·NH·T f32 values for D, which the first launch writes
+    // whole before the others read it (launches run in order).
+    unsafe {
+        l.launch(&plan::attn_bwd_dot(dtype, p, s, d))?;
+        l.launch(&plan::attn_bwd_dq(dtype, p, mask, d, s))?;
+        l.launch(&plan::attn_bwd_dkdv(dtype, p, mask, d, s))
+    }
+}
+
+/// `DecodeOps::attention_decode` for f32 or bf16 activations and cache: cache columns `0..len` of
+/// `t_max`; the host key mask (B·TMAX) is uploaded here.
+///
+/// # Safety
+///
+/// The pointers must address the tensors [`plan::AttnDecodePtrs`] documents for shape `s` and
+/// `t_max`, of type `dtype`, valid for the launch.
+pub unsafe fn attention_decode<L: Launcher>(
+    l: &L,
+    dtype: AttnDtype,
+    p: plan::AttnDecodePtrs,
+    key_mask: &[bool],
+    s: AttnShape,
+    len: usize,
+    t_max: usize,
+) -> Result<(), KernelError> {
+    check_attention("attention_decode", &s, key_mask.len(), s.b * t_max);
+    assert!(
+        len <= t_max,
+        "attention_decode: cache length {len} beyond the cache's {t_max}"
+    );
+    if s.b == 0 || s.n_head == 0 || s.head_dim == 0 {
+        return Ok(());
+    }
+    let mask = upload_mask(l, key_mask)?;
+    let launch = plan::attn_decode(dtype, p, l.scratch_ptr(&mask), s, len, t_max);
+    // SAFETY: the caller vouches for the tensors; the shape was checked above, `len` is within
+    // the cache and the B·TMAX mask flags are uploaded.
     unsafe { l.launch(&launch) }
 }
 

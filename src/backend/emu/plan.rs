@@ -12,6 +12,7 @@ use crate::backend::loss::{
     Aggregation, DpoCfg, DpoLoss, GroupAdvCfg, GroupBaseline, GroupScale, KlEstimator,
     PolicyLossCfg, Rows, ValueLossCfg,
 };
+use crate::backend::AttnShape;
 
 /// A device address (a host address under emulation). [`DevPtr::NULL`] is an absent optional
 /// input or output, which kernels test for.
@@ -100,6 +101,16 @@ kernels! {
     MASKED_ROW_SUM_F32 = "reduce.cu" / masked_row_sum_f32;
     MASKED_ROW_SUM_BWD_F32 = "reduce.cu" / masked_row_sum_bwd_f32;
     SUM_PARTIALS_F64 = "reduce.cu" / sum_partials_f64;
+    ATTN_FWD_F32 = "attention.cu" / attn_fwd_f32;
+    ATTN_FWD_BF16 = "attention.cu" / attn_fwd_bf16;
+    ATTN_DECODE_F32 = "attention.cu" / attn_decode_f32;
+    ATTN_DECODE_BF16 = "attention.cu" / attn_decode_bf16;
+    ATTN_BWD_DOT_F32 = "attention.cu" / attn_bwd_dot_f32;
+    ATTN_BWD_DOT_BF16 = "attention.cu" / attn_bwd_dot_bf16;
+    ATTN_BWD_DQ_F32 = "attention.cu" / attn_bwd_dq_f32;
+    ATTN_BWD_DQ_BF16 = "attention.cu" / attn_bwd_dq_bf16;
+    ATTN_BWD_DKDV_F32 = "attention.cu" / attn_bwd_dkdv_f32;
+    ATTN_BWD_DKDV_BF16 = "attention.cu" / attn_bwd_dkdv_bf16;
 }
 
 /// Threads per block of the row-wise loss kernels (one block per sequence): rows are tens to a few
@@ -112,6 +123,23 @@ pub const LOGPROB_BLOCK: u32 = 256;
 pub const FLAT_BLOCK: u32 = 256;
 /// Threads per block of the scans that give each thread a whole row (GAE, returns).
 pub const SCAN_BLOCK: u32 = 64;
+
+/// Threads per block of every attention kernel (`ATTN_THREADS` in attention.cu): 4 warps, each
+/// taking a few query rows (or keys) whole, so that a row's softmax needs only warp shuffles.
+pub const ATTN_THREADS: u32 = 128;
+/// Query rows per block of `attn_fwd_*` and `attn_bwd_dq_*`, and query heads per block of
+/// `attn_decode_*` (`ATTN_BQ`): 4 per warp, which share every key a lane reads from shared memory.
+pub const ATTN_BQ: usize = 16;
+/// Keys per tile of those kernels (`ATTN_BK`): one per lane.
+pub const ATTN_BK: usize = 32;
+/// Keys per block of `attn_bwd_dkdv_*` (`ATTN_BKV`): 2 per warp, whose dK and dV rows the warp
+/// keeps in registers; more would not fit its shared memory in 48 KB at the largest head dim.
+pub const ATTN_BKV: usize = 8;
+/// Queries per tile of `attn_bwd_dkdv_*` (`ATTN_BQ_BWD`): one per lane.
+pub const ATTN_BQ_BWD: usize = 32;
+/// The largest head dim the attention kernels take (`ATTN_MAX_HEAD_DIM`): a lane holds 4 of the
+/// dims of each accumulator row.
+pub const ATTN_MAX_HEAD_DIM: usize = 128;
 
 /// Columns of `policy_loss_f32`'s per-row partial sums (`POLICY_PARTIALS` in ppo_loss.cu):
 /// loss, clipped, dual-clipped, approx-KL, KL, entropy, tokens.
@@ -152,6 +180,15 @@ impl Launch {
             block: [threads, 1, 1],
             shared_bytes: 0,
             args,
+        }
+    }
+
+    /// The same launch with `floats` f32 values of dynamic shared memory per block.
+    fn with_shared_f32(self, floats: usize) -> Launch {
+        let bytes = u32::try_from(floats * 4).expect("shared memory of a block fits in u32");
+        Launch {
+            shared_bytes: bytes,
+            ..self
         }
     }
 
@@ -768,4 +805,226 @@ pub fn dpo_loss(p: DpoPtrs, pairs: usize, cfg: &DpoCfg, dloss: f32) -> Launch {
         Arg::Ptr(p.stats),
     ];
     Launch::new(DPO_LOSS_F32, 1, FLAT_BLOCK, args)
+}
+
+/// Element type of the attention kernels' activations: qkv, out, their gradients and the KV cache
+/// (lse and D are always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnDtype {
+    /// f32.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+impl AttnDtype {
+    /// The kernel of this type among a family's two.
+    fn pick(self, f32: Kernel, bf16: Kernel) -> Kernel {
+        match self {
+            AttnDtype::F32 => f32,
+            AttnDtype::Bf16 => bf16,
+        }
+    }
+}
+
+/// An element type the attention kernels take activations in.
+pub trait AttnType: Copy + Send + Sync + 'static {
+    /// The kernels' name for it.
+    const ATTN: AttnDtype;
+}
+
+impl AttnType for f32 {
+    const ATTN: AttnDtype = AttnDtype::F32;
+}
+
+impl AttnType for half::bf16 {
+    const ATTN: AttnDtype = AttnDtype::Bf16;
+}
+
+/// The score scale `1/sqrt(HD)`, computed as the CPU reference computes it.
+fn attn_scale(hd: usize) -> Arg {
+    Arg::F32(1.0 / (hd as f32).sqrt())
+}
+
+/// f32 values of dynamic shared memory of `attn_fwd_*` and `attn_decode_*` (`attend` in
+/// attention.cu): the q tile [ATTN_BQ][HD], k and v tiles [ATTN_BK][HD], P [ATTN_BQ][ATTN_BK].
+/// 43 KB at HD = 128.
+fn attn_fwd_smem(hd: usize) -> usize {
+    (ATTN_BQ + 2 * ATTN_BK) * hd + ATTN_BQ * ATTN_BK
+}
+
+/// f32 values of dynamic shared memory of `attn_bwd_dq_*`: q and dO tiles [ATTN_BQ][HD], one tile
+/// [ATTN_BK][HD] that holds v and then k, dS [ATTN_BQ][ATTN_BK]. 34 KB at HD = 128.
+fn attn_dq_smem(hd: usize) -> usize {
+    (2 * ATTN_BQ + ATTN_BK) * hd + ATTN_BQ * ATTN_BK
+}
+
+/// f32 values of dynamic shared memory of `attn_bwd_dkdv_*`: k and v [ATTN_BKV][HD], q and dO
+/// [ATTN_BQ_BWD][HD], P and dS [ATTN_BKV][ATTN_BQ_BWD]. 43 KB at HD = 128.
+fn attn_dkdv_smem(hd: usize) -> usize {
+    2 * (ATTN_BKV + ATTN_BQ_BWD) * hd + 2 * ATTN_BKV * ATTN_BQ_BWD
+}
+
+/// The shape arguments `T, NH, KVH, HD` the attention kernels share.
+fn attn_dims(s: &AttnShape) -> [Arg; 4] {
+    [
+        int(s.t, "T"),
+        int(s.n_head, "NH"),
+        int(s.n_kv_head, "KVH"),
+        int(s.head_dim, "HD"),
+    ]
+}
+
+/// Pointers of `attn_fwd_*` (its key mask comes separately: host flags uploaded per call).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnFwdPtrs {
+    /// (B·T, qkv_width) of the kernel's type.
+    pub qkv: DevPtr,
+    /// (B·T, NH·HD) of the kernel's type, written.
+    pub out: DevPtr,
+    /// (B, NH, T) f32, written.
+    pub lse: DevPtr,
+}
+
+/// `attn_fwd_{f32,bf16}(qkv, key_mask, T, NH, KVH, HD, scale, out, lse)`: one block per
+/// [`ATTN_BQ`] query rows of a (sequence, head); key_mask is (B·T) u32.
+pub fn attn_fwd(dtype: AttnDtype, p: AttnFwdPtrs, key_mask: DevPtr, s: AttnShape) -> Launch {
+    let mut args = vec![Arg::Ptr(p.qkv), Arg::Ptr(key_mask)];
+    args.extend(attn_dims(&s));
+    args.extend([attn_scale(s.head_dim), Arg::Ptr(p.out), Arg::Ptr(p.lse)]);
+    let blocks = s.b * s.n_head * s.t.div_ceil(ATTN_BQ);
+    let kernel = dtype.pick(ATTN_FWD_F32, ATTN_FWD_BF16);
+    Launch::new(kernel, blocks, ATTN_THREADS, args).with_shared_f32(attn_fwd_smem(s.head_dim))
+}
+
+/// Pointers of `attn_decode_*` (its key mask comes separately, as for the forward).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDecodePtrs {
+    /// (B, qkv_width) of the kernel's type: one new token per sequence.
+    pub qkv: DevPtr,
+    /// (B, KVH, TMAX, HD) of the kernel's type.
+    pub k_cache: DevPtr,
+    /// (B, KVH, TMAX, HD) of the kernel's type.
+    pub v_cache: DevPtr,
+    /// (B, NH·HD) of the kernel's type, written.
+    pub out: DevPtr,
+}
+
+/// `attn_decode_{f32,bf16}(qkv, k_cache, v_cache, key_mask, NH, KVH, HD, len, TMAX, scale, out)`:
+/// one block per (sequence, key/value head) and [`ATTN_BQ`] of the group's query heads; key_mask
+/// is (B·TMAX) u32, and columns `0..len` are read.
+pub fn attn_decode(
+    dtype: AttnDtype,
+    p: AttnDecodePtrs,
+    key_mask: DevPtr,
+    s: AttnShape,
+    len: usize,
+    t_max: usize,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.qkv),
+        Arg::Ptr(p.k_cache),
+        Arg::Ptr(p.v_cache),
+        Arg::Ptr(key_mask),
+        int(s.n_head, "NH"),
+        int(s.n_kv_head, "KVH"),
+        int(s.head_dim, "HD"),
+        int(len, "len"),
+        int(t_max, "TMAX"),
+        attn_scale(s.head_dim),
+        Arg::Ptr(p.out),
+    ];
+    let group = s.n_head / s.n_kv_head;
+    let blocks = s.b * s.n_kv_head * group.div_ceil(ATTN_BQ);
+    let kernel = dtype.pick(ATTN_DECODE_F32, ATTN_DECODE_BF16);
+    Launch::new(kernel, blocks, ATTN_THREADS, args).with_shared_f32(attn_fwd_smem(s.head_dim))
+}
+
+/// Pointers of the attention backward (its key mask and D come separately).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnBwdPtrs {
+    /// (B·T, qkv_width) of the kernels' type, added to.
+    pub dqkv: DevPtr,
+    /// (B·T, NH·HD) of the kernels' type.
+    pub dout: DevPtr,
+    /// (B·T, qkv_width) of the kernels' type.
+    pub qkv: DevPtr,
+    /// (B·T, NH·HD) of the kernels' type: the forward's output.
+    pub out: DevPtr,
+    /// (B, NH, T) f32: the forward's.
+    pub lse: DevPtr,
+}
+
+/// `attn_bwd_dot_{f32,bf16}(dout, out, B·T, T, NH, HD, D)`: `D = rowsum(dO ∘ O)` into (B, NH, T)
+/// f32, a warp per (token, head).
+pub fn attn_bwd_dot(dtype: AttnDtype, p: AttnBwdPtrs, s: AttnShape, d: DevPtr) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.dout),
+        Arg::Ptr(p.out),
+        int(s.b * s.t, "B*T"),
+        int(s.t, "T"),
+        int(s.n_head, "NH"),
+        int(s.head_dim, "HD"),
+        Arg::Ptr(d),
+    ];
+    let warps = (ATTN_THREADS / 32) as usize;
+    let blocks = (s.b * s.t * s.n_head).div_ceil(warps);
+    let kernel = dtype.pick(ATTN_BWD_DOT_F32, ATTN_BWD_DOT_BF16);
+    Launch::new(kernel, blocks, ATTN_THREADS, args)
+}
+
+/// The arguments `attn_bwd_dq_*` and `attn_bwd_dkdv_*` share: `(qkv, dout, lse, D, key_mask, T,
+/// NH, KVH, HD, scale, dqkv)`.
+fn attn_bwd_args(p: AttnBwdPtrs, key_mask: DevPtr, d: DevPtr, s: &AttnShape) -> Vec<Arg> {
+    let mut args = vec![
+        Arg::Ptr(p.qkv),
+        Arg::Ptr(p.dout),
+        Arg::Ptr(p.lse),
+        Arg::Ptr(d),
+        Arg::Ptr(key_mask),
+    ];
+    args.extend(attn_dims(s));
+    args.extend([attn_scale(s.head_dim), Arg::Ptr(p.dqkv)]);
+    args
+}
+
+/// `attn_bwd_dq_{f32,bf16}(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv)`: adds dq, one
+/// block per [`ATTN_BQ`] query rows of a (sequence, head); D from [`attn_bwd_dot`].
+pub fn attn_bwd_dq(
+    dtype: AttnDtype,
+    p: AttnBwdPtrs,
+    key_mask: DevPtr,
+    d: DevPtr,
+    s: AttnShape,
+) -> Launch {
+    let blocks = s.b * s.n_head * s.t.div_ceil(ATTN_BQ);
+    let kernel = dtype.pick(ATTN_BWD_DQ_F32, ATTN_BWD_DQ_BF16);
+    Launch::new(
+        kernel,
+        blocks,
+        ATTN_THREADS,
+        attn_bwd_args(p, key_mask, d, &s),
+    )
+    .with_shared_f32(attn_dq_smem(s.head_dim))
+}
+
+/// `attn_bwd_dkdv_{f32,bf16}(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv)`: adds dk
+/// and dv, one block per [`ATTN_BKV`] keys of a (sequence, key/value head); D from
+/// [`attn_bwd_dot`].
+pub fn attn_bwd_dkdv(
+    dtype: AttnDtype,
+    p: AttnBwdPtrs,
+    key_mask: DevPtr,
+    d: DevPtr,
+    s: AttnShape,
+) -> Launch {
+    let blocks = s.b * s.n_kv_head * s.t.div_ceil(ATTN_BKV);
+    let kernel = dtype.pick(ATTN_BWD_DKDV_F32, ATTN_BWD_DKDV_BF16);
+    Launch::new(
+        kernel,
+        blocks,
+        ATTN_THREADS,
+        attn_bwd_args(p, key_mask, d, &s),
+    )
+    .with_shared_f32(attn_dkdv_smem(s.head_dim))
 }

@@ -15,8 +15,8 @@
 // marker f32::MAX (the CPU's LSE_NO_KEY), whose exp(s - lse) is 0 for any score.
 //
 // Kernels, E = f32 or bf16 (qkv, out, dout, dqkv and the caches are E; lse and D are f32; all
-// arithmetic is f32). Blocks of ATTN_THREADS; dynamic shared memory sized from HD by the host
-// plans (src/backend/emu/plan.rs: `attn_*_smem`), at most 43 KB at the largest head dim, 128:
+// arithmetic is f32). Blocks of ATTN_WARPS = 4 warps; dynamic shared memory sized from HD by the
+// host plans (src/backend/emu/plan.rs: `attn_*_smem`), at most 43 KB at the largest head dim, 128:
 //   attn_fwd_E(qkv, key_mask, T, NH, KVH, HD, scale, out, lse)
 //   attn_decode_E(qkv, k_cache, v_cache, key_mask, NH, KVH, HD, len, TMAX, scale, out)
 //   attn_bwd_dot_E(dout, out, B·T, T, NH, HD, D)
@@ -65,18 +65,15 @@
 
 /// Warps per block of every attention kernel.
 #define ATTN_WARPS 4
-/// Threads per block.
-#define ATTN_THREADS (ATTN_WARPS * RL_WARP)
 /// Query rows per warp in the forward, decode and dQ kernels.
 #define ATTN_ROWS 4
 /// Query rows per block in those kernels.
 #define ATTN_BQ (ATTN_WARPS * ATTN_ROWS)
 /// Keys per tile in those kernels: one per lane.
 #define ATTN_BK RL_WARP
-/// Head dims a lane owns in an accumulator row (d = lane + 32c).
+/// Head dims a lane owns in an accumulator row (d = lane + 32c): the kernels take HD <= 128
+/// (`ATTN_MAX_HEAD_DIM` in plan.rs, which the host checks).
 #define ATTN_DPL 4
-/// The largest head dim the kernels take.
-#define ATTN_MAX_HEAD_DIM (ATTN_DPL * RL_WARP)
 /// Keys per warp in the dK/dV kernel.
 #define ATTN_KPW 2
 /// Keys per block in the dK/dV kernel.
@@ -317,13 +314,15 @@ __device__ __forceinline__ void attn_bwd_dot(const E* __restrict__ dout, const E
   const int h = (int)(pair % NH);
   const long long at = row * NH * HD + h * HD;
   float acc = 0.f;
-  for (int d = lane; d < HD; d += RL_WARP) acc = fmaf(to_f32(dout[at + d]), to_f32(out[at + d]), acc);
+  for (int d = lane; d < HD; d += RL_WARP) {
+    acc = fmaf(to_f32(dout[at + d]), to_f32(out[at + d]), acc);
+  }
   acc = warp_sum(acc);
   if (lane == 0) D[((row / T) * NH + h) * T + row % T] = acc;
 }
 
-/// Adds `scale·acc` to R rows of a gradient (row k at g + k·stride, rows from `first` on only up
-/// to `rows`), in the head dims this lane owns.
+/// Adds scale·acc[k] to gradient row first + k (rows `stride` apart from `g`) for k < R, except
+/// rows from `rows` on, in the head dims this lane owns.
 template <int R, typename E>
 __device__ __forceinline__ void add_rows(E* g, long long stride, int first, int rows,
                                          const float (&acc)[R][ATTN_DPL], float scale, int hd) {
@@ -477,15 +476,15 @@ __device__ __forceinline__ void attn_bwd_dkdv(const E* __restrict__ qkv,
 // entry points
 // ------------------------------------------------------------------------------------------------
 
-extern "C" __global__ void attn_fwd_f32(const float* qkv, const unsigned* key_mask, int T,
-                                        int NH, int KVH, int HD, float scale, float* out,
-                                        float* lse) {
+extern "C" __global__ void attn_fwd_f32(const float* qkv, const unsigned* key_mask, int T, int NH,
+                                        int KVH, int HD, float scale, float* out, float* lse) {
   attn_fwd(qkv, key_mask, T, NH, KVH, HD, scale, out, lse);
 }
 
-extern "C" __global__ void attn_decode_f32(const float* qkv, const float* k_cache, const float* v_cache,
-                                           const unsigned* key_mask, int NH, int KVH,
-                                           int HD, int len, int t_max, float scale, float* out) {
+extern "C" __global__ void attn_decode_f32(const float* qkv, const float* k_cache,
+                                           const float* v_cache, const unsigned* key_mask, int NH,
+                                           int KVH, int HD, int len, int t_max, float scale,
+                                           float* out) {
   attn_decode(qkv, k_cache, v_cache, key_mask, NH, KVH, HD, len, t_max, scale, out);
 }
 
@@ -495,44 +494,45 @@ extern "C" __global__ void attn_bwd_dot_f32(const float* dout, const float* out,
 }
 
 extern "C" __global__ void attn_bwd_dq_f32(const float* qkv, const float* dout, const float* lse,
-                                           const float* D, const unsigned* key_mask, int T,
-                                           int NH, int KVH, int HD, float scale, float* dqkv) {
+                                           const float* D, const unsigned* key_mask, int T, int NH,
+                                           int KVH, int HD, float scale, float* dqkv) {
   attn_bwd_dq(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv);
 }
 
 extern "C" __global__ void attn_bwd_dkdv_f32(const float* qkv, const float* dout, const float* lse,
-                                             const float* D, const unsigned* key_mask, 
-                                             int T, int NH, int KVH, int HD, float scale,
-                                             float* dqkv) {
+                                             const float* D, const unsigned* key_mask, int T,
+                                             int NH, int KVH, int HD, float scale, float* dqkv) {
   attn_bwd_dkdv(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv);
 }
 
 extern "C" __global__ void attn_fwd_bf16(const rl_bf16* qkv, const unsigned* key_mask, int T,
-                                        int NH, int KVH, int HD, float scale, rl_bf16* out,
-                                        float* lse) {
+                                         int NH, int KVH, int HD, float scale, rl_bf16* out,
+                                         float* lse) {
   attn_fwd(qkv, key_mask, T, NH, KVH, HD, scale, out, lse);
 }
 
-extern "C" __global__ void attn_decode_bf16(const rl_bf16* qkv, const rl_bf16* k_cache, const rl_bf16* v_cache,
-                                           const unsigned* key_mask, int NH, int KVH,
-                                           int HD, int len, int t_max, float scale, rl_bf16* out) {
+extern "C" __global__ void attn_decode_bf16(const rl_bf16* qkv, const rl_bf16* k_cache,
+                                            const rl_bf16* v_cache, const unsigned* key_mask,
+                                            int NH, int KVH, int HD, int len, int t_max,
+                                            float scale, rl_bf16* out) {
   attn_decode(qkv, k_cache, v_cache, key_mask, NH, KVH, HD, len, t_max, scale, out);
 }
 
-extern "C" __global__ void attn_bwd_dot_bf16(const rl_bf16* dout, const rl_bf16* out, int rows, int T,
-                                            int NH, int HD, float* D) {
+extern "C" __global__ void attn_bwd_dot_bf16(const rl_bf16* dout, const rl_bf16* out, int rows,
+                                             int T, int NH, int HD, float* D) {
   attn_bwd_dot(dout, out, rows, T, NH, HD, D);
 }
 
-extern "C" __global__ void attn_bwd_dq_bf16(const rl_bf16* qkv, const rl_bf16* dout, const float* lse,
-                                           const float* D, const unsigned* key_mask, int T,
-                                           int NH, int KVH, int HD, float scale, rl_bf16* dqkv) {
+extern "C" __global__ void attn_bwd_dq_bf16(const rl_bf16* qkv, const rl_bf16* dout,
+                                            const float* lse, const float* D,
+                                            const unsigned* key_mask, int T, int NH, int KVH,
+                                            int HD, float scale, rl_bf16* dqkv) {
   attn_bwd_dq(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv);
 }
 
-extern "C" __global__ void attn_bwd_dkdv_bf16(const rl_bf16* qkv, const rl_bf16* dout, const float* lse,
-                                             const float* D, const unsigned* key_mask, 
-                                             int T, int NH, int KVH, int HD, float scale,
-                                             rl_bf16* dqkv) {
+extern "C" __global__ void attn_bwd_dkdv_bf16(const rl_bf16* qkv, const rl_bf16* dout,
+                                              const float* lse, const float* D,
+                                              const unsigned* key_mask, int T, int NH, int KVH,
+                                              int HD, float scale, rl_bf16* dqkv) {
   attn_bwd_dkdv(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv);
 }

@@ -242,4 +242,16 @@ fn quick_demo_makes_every_rl_model_more_honest_and_survives_sigint() {
         "{again}"
     );
     assert!(again.contains("sft"), "{again}");
+
+    // Other settings in the same directory would mix two runs: refused.
+    let o = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["demo", "--quick", "--seed", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("holds a demo run with other settings"),
+        "{err}"
+    );
 }

@@ -61,8 +61,9 @@ pub struct Plan {
     pub ppo_steps: usize,
     pub ppo_prompts: usize,
     pub ppo_lr: f32,
-    /// The KL penalty's coefficient: TRL's 0.05 let PPO drift into what the reward model
-    /// scores well but never saw (misquoted operands), 0.1 keeps it near the SFT model.
+    /// The KL penalty's coefficient. With TRL's 0.05 PPO drifts into what the reward model
+    /// scores well but cannot check (sums off by one, misquoted operands); 0.2 keeps it near
+    /// the SFT model, which gets its sums right.
     pub ppo_kl_coef: f32,
     pub grpo_steps: usize,
     pub grpo_prompts: usize,
@@ -103,7 +104,7 @@ impl Plan {
             ppo_steps: 100,
             ppo_prompts: 32,
             ppo_lr: 3e-4,
-            ppo_kl_coef: 0.1,
+            ppo_kl_coef: 0.2,
             grpo_steps: 150,
             grpo_prompts: 16,
             grpo_lr: 3e-4,
@@ -250,16 +251,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let plan = Plan::new(args)?;
     let root = args.out.as_path();
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let record =
-        json!({ "args": args, "plan": plan, "engine": crate::checkpoint::engine_version() });
+    // What decides the results: a rerun must match it to reuse completed stages. (`--quiet`
+    // and `--out` do not count.)
+    let settings =
+        json!({ "seed": args.seed, "steps_scale": args.steps_scale, "quick": args.quick });
+    let record = json!({ "settings": settings, "plan": plan, "engine": crate::checkpoint::engine_version() });
     let record_path = root.join("demo_config.json");
     if record_path.is_file() {
         let old = read_json(&record_path)?;
         anyhow::ensure!(
-            old["args"] == record["args"] && old["plan"] == record["plan"],
-            "{} holds a demo run with other settings ({}); rerun with those, or choose another --out",
+            old["settings"] == record["settings"] && old["plan"] == record["plan"],
+            "{} holds a demo run with other settings ({}: {}); rerun with those, or choose \
+             another --out",
             root.display(),
-            record_path.display()
+            record_path.display(),
+            old["settings"]
         );
     } else {
         write_atomic(

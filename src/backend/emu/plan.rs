@@ -124,7 +124,7 @@ pub const FLAT_BLOCK: u32 = 256;
 /// Threads per block of the scans that give each thread a whole row (GAE, returns).
 pub const SCAN_BLOCK: u32 = 64;
 
-/// Threads per block of every attention kernel (`ATTN_THREADS` in attention.cu): 4 warps, each
+/// Threads per block of every attention kernel (`ATTN_WARPS` = 4 warps in attention.cu), each
 /// taking a few query rows (or keys) whole, so that a row's softmax needs only warp shuffles.
 pub const ATTN_THREADS: u32 = 128;
 /// Query rows per block of `attn_fwd_*` and `attn_bwd_dq_*`, and query heads per block of

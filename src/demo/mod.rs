@@ -120,11 +120,11 @@ impl Plan {
             p.d_model = 64;
             p.n_layer = 3;
             p.n_head = 4;
-            p.sft_steps = 800;
+            p.sft_steps = 1200;
             p.rm_steps = 60;
-            p.ppo_steps = 20;
-            p.grpo_steps = 30;
-            p.dpo_steps = 60;
+            p.ppo_steps = 30;
+            p.grpo_steps = 60;
+            p.dpo_steps = 150;
         }
         let scale = |n: &mut usize| *n = ((*n as f64 * args.steps_scale).round() as usize).max(1);
         for n in [

@@ -49,15 +49,20 @@ pub struct DemoArgs {
 /// trainer's settings. Recorded in `demo_config.json`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
+    /// How the data is made.
     pub task: TaskConfig,
+    /// The Llama's width, depth and heads.
     pub d_model: usize,
     pub n_layer: usize,
     pub n_head: usize,
+    /// SFT: optimizer steps, sequences per step, peak learning rate.
     pub sft_steps: usize,
     pub sft_batch: usize,
     pub sft_lr: f32,
+    /// Reward model: steps and peak learning rate.
     pub rm_steps: usize,
     pub rm_lr: f32,
+    /// PPO: steps, prompts per step, peak learning rate.
     pub ppo_steps: usize,
     pub ppo_prompts: usize,
     pub ppo_lr: f32,
@@ -65,9 +70,11 @@ pub struct Plan {
     /// scores well but cannot check (sums off by one, misquoted operands); 0.2 keeps it near
     /// the SFT model, which gets its sums right.
     pub ppo_kl_coef: f32,
+    /// GRPO: steps, prompts per step (4 samples each), peak learning rate.
     pub grpo_steps: usize,
     pub grpo_prompts: usize,
     pub grpo_lr: f32,
+    /// DPO: steps and peak learning rate.
     pub dpo_steps: usize,
     pub dpo_lr: f32,
     /// Samples per held-out claim at temperature 1.

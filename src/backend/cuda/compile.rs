@@ -17,6 +17,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("kl.cu", include_str!("../../../kernels/kl.cu")),
     ("logprob.cu", include_str!("../../../kernels/logprob.cu")),
+    ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("ppo_loss.cu", include_str!("../../../kernels/ppo_loss.cu")),
     (
         "pref_loss.cu",

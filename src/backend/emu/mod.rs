@@ -229,6 +229,161 @@ impl Emu {
         unsafe { ops::attention_decode(self, E::ATTN, p, key_mask, shape, len, t_max) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// `ModelOps::rmsnorm_forward` on the kernels. out, inp: (N, C), rstd: (N), w: (C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_forward(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        check_norm_lens(
+            "rmsnorm_forward",
+            n,
+            c,
+            &[out.len(), inp.len()],
+            &[rstd.len()],
+        );
+        assert_eq!(w.len(), c, "rmsnorm_forward: w must be C");
+        let p = plan::NormFwdPtrs {
+            inp: ptr(inp),
+            w: ptr(w),
+            b: DevPtr::NULL,
+            out: mut_ptr(out),
+            mean: DevPtr::NULL,
+            rstd: mut_ptr(rstd),
+        };
+        // SAFETY: every tensor's length was checked against N and C above, and the slices
+        // outlive the call, which runs the kernel to completion.
+        unsafe { ops::norm_forward(self, false, p, n, c, eps) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ModelOps::rmsnorm_backward` on the kernels: `dinp += ∂L/∂inp`, `dw += Σ_n dout·x̂`.
+    /// dinp, dout, inp: (N, C), dw, w: (C), rstd: (N) from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        let op = "rmsnorm_backward";
+        check_norm_lens(
+            op,
+            n,
+            c,
+            &[dinp.len(), dout.len(), inp.len()],
+            &[rstd.len()],
+        );
+        assert!(w.len() == c && dw.len() == c, "{op}: w and dw must be C");
+        let p = plan::NormBwdPtrs {
+            dinp: mut_ptr(dinp),
+            dw: mut_ptr(dw),
+            dout: ptr(dout),
+            inp: ptr(inp),
+            w: ptr(w),
+            mean: DevPtr::NULL,
+            rstd: ptr(rstd),
+        };
+        // SAFETY: as in `rmsnorm_forward`.
+        unsafe { ops::norm_backward(self, p, n, c) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ModelOps::layernorm_forward` on the kernels. out, inp: (N, C), mean, rstd: (N),
+    /// w, b: (C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        b: &[f32],
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        let op = "layernorm_forward";
+        check_norm_lens(op, n, c, &[out.len(), inp.len()], &[mean.len(), rstd.len()]);
+        assert!(w.len() == c && b.len() == c, "{op}: w and b must be C");
+        let p = plan::NormFwdPtrs {
+            inp: ptr(inp),
+            w: ptr(w),
+            b: ptr(b),
+            out: mut_ptr(out),
+            mean: mut_ptr(mean),
+            rstd: mut_ptr(rstd),
+        };
+        // SAFETY: as in `rmsnorm_forward`.
+        unsafe { ops::norm_forward(self, true, p, n, c, eps) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `ModelOps::layernorm_backward` on the kernels: `dinp += ∂L/∂inp`, `dw += Σ_n dout·x̂`
+    /// (the bias gradient is a separate op). dinp, dout, inp: (N, C), dw, w: (C), mean,
+    /// rstd: (N) from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        let op = "layernorm_backward";
+        let per_row = [mean.len(), rstd.len()];
+        check_norm_lens(op, n, c, &[dinp.len(), dout.len(), inp.len()], &per_row);
+        assert!(w.len() == c && dw.len() == c, "{op}: w and dw must be C");
+        // A null mean selects the RMSNorm kernels, so an empty batch's dangling pointer must not
+        // be mistaken for one: nothing runs then anyway.
+        if n == 0 || c == 0 {
+            return;
+        }
+        let p = plan::NormBwdPtrs {
+            dinp: mut_ptr(dinp),
+            dw: mut_ptr(dw),
+            dout: ptr(dout),
+            inp: ptr(inp),
+            w: ptr(w),
+            mean: ptr(mean),
+            rstd: ptr(rstd),
+        };
+        // SAFETY: as in `rmsnorm_forward`.
+        unsafe { ops::norm_backward(self, p, n, c) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Panics unless every (N, C) buffer holds `n·c` values and every per-row buffer `n` (the CPU
+/// op's messages).
+fn check_norm_lens(op: &str, n: usize, c: usize, nc: &[usize], per_row: &[usize]) {
+    for &len in nc {
+        assert_eq!(
+            len,
+            n * c,
+            "{op}: an (N, C) buffer has {len} elements, expected {n}·{c}"
+        );
+    }
+    for &len in per_row {
+        assert_eq!(
+            len, n,
+            "{op}: a per-row buffer has {len} elements, expected N = {n}"
+        );
+    }
 }
 
 /// Panics unless qkv, out and lse hold what `s` says (the CPU op's messages).

@@ -1,4 +1,4 @@
-//! The loss family, the log-prob ops and attention driven through the kernels: which kernels run
+//! The loss family, the log-prob ops, attention and the norms driven through the kernels: which kernels run
 //! in which order, the scratch they share (row counts, per-row partial sums, attention's D,
 //! results) and the few numbers read back. Generic over the [`Launcher`], so the emulated backend
 //! and a device backend run exactly this code and differ only in how a [`Launch`] reaches the
@@ -678,6 +678,62 @@ pub unsafe fn attention_decode<L: Launcher>(
     // SAFETY: the caller vouches for the tensors; the shape was checked above, `len` is within
     // the cache and the B·TMAX mask flags are uploaded.
     unsafe { l.launch(&launch) }
+}
+
+/// `ModelOps::rmsnorm_forward` (`p.mean` and `p.b` unused) or, with `layer`,
+/// `ModelOps::layernorm_forward`: one launch, one block per row.
+///
+/// # Safety
+///
+/// The pointers must address the tensors [`plan::NormFwdPtrs`] documents for `n` rows of `c`
+/// values, valid for the launch.
+pub unsafe fn norm_forward<L: Launcher>(
+    l: &L,
+    layer: bool,
+    p: plan::NormFwdPtrs,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), KernelError> {
+    if n == 0 || c == 0 {
+        return Ok(());
+    }
+    let launch = if layer {
+        plan::layernorm_fwd(p, n, c, eps)
+    } else {
+        plan::rmsnorm_fwd(p, n, c, eps)
+    };
+    // SAFETY: the caller vouches for the tensors.
+    unsafe { l.launch(&launch) }
+}
+
+/// `ModelOps::rmsnorm_backward` (`p.mean` null) or `ModelOps::layernorm_backward`: dinp and dw
+/// are added to. dinp one block per row; dw through per-chunk partials in scratch memory, added
+/// in chunk order (no atomics, so the same bits every run).
+///
+/// # Safety
+///
+/// The pointers must address the tensors [`plan::NormBwdPtrs`] documents for `n` rows of `c`
+/// values, valid for the launches.
+pub unsafe fn norm_backward<L: Launcher>(
+    l: &L,
+    p: plan::NormBwdPtrs,
+    n: usize,
+    c: usize,
+) -> Result<(), KernelError> {
+    if n == 0 || c == 0 {
+        return Ok(());
+    }
+    // (chunks, C) f32 partials: two values to an 8-byte scratch word.
+    let partials = l.scratch((plan::norm_dw_chunks(n) * c).div_ceil(2))?;
+    let partials = l.scratch_ptr(&partials);
+    // SAFETY: the caller vouches for the tensors; the scratch holds chunks·C f32 partials, which
+    // the second launch writes whole before the third reads them (launches run in order).
+    unsafe {
+        l.launch(&plan::norm_bwd_dx(p, n, c))?;
+        l.launch(&plan::norm_dw_partial(p, n, c, partials))?;
+        l.launch(&plan::norm_dw_sum(p, n, c, partials))
+    }
 }
 
 /// `impl LossOps for $ty` by the drivers of this module, with `$ty` as the launcher; a launch

@@ -111,6 +111,12 @@ kernels! {
     ATTN_BWD_DQ_BF16 = "attention.cu" / attn_bwd_dq_bf16;
     ATTN_BWD_DKDV_F32 = "attention.cu" / attn_bwd_dkdv_f32;
     ATTN_BWD_DKDV_BF16 = "attention.cu" / attn_bwd_dkdv_bf16;
+    RMSNORM_FWD_F32 = "norm.cu" / rmsnorm_fwd_f32;
+    LAYERNORM_FWD_F32 = "norm.cu" / layernorm_fwd_f32;
+    RMSNORM_BWD_DX_F32 = "norm.cu" / rmsnorm_bwd_dx_f32;
+    LAYERNORM_BWD_DX_F32 = "norm.cu" / layernorm_bwd_dx_f32;
+    NORM_DW_PARTIAL_F32 = "norm.cu" / norm_dw_partial_f32;
+    NORM_DW_SUM_F32 = "norm.cu" / norm_dw_sum_f32;
 }
 
 /// Threads per block of the row-wise loss kernels (one block per sequence): rows are tens to a few
@@ -140,6 +146,13 @@ pub const ATTN_BQ_BWD: usize = 32;
 /// The largest head dim the attention kernels take (`ATTN_MAX_HEAD_DIM`): a lane holds 4 of the
 /// dims of each accumulator row.
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
+
+/// Threads per block of the norm kernels: one block per row of C values (768 to a few thousand in
+/// the models served), and one column per thread in the weight-gradient kernels.
+pub const NORM_BLOCK: u32 = 256;
+/// Rows per chunk of `norm_dw_partial_f32` (`NORM_DW_ROWS` in norm.cu): each chunk's per-column
+/// sums are one row of partials, which `norm_dw_sum_f32` adds in chunk order.
+pub const NORM_DW_ROWS: usize = 64;
 
 /// Columns of `policy_loss_f32`'s per-row partial sums (`POLICY_PARTIALS` in ppo_loss.cu):
 /// loss, clipped, dual-clipped, approx-KL, KL, entropy, tokens.
@@ -1027,4 +1040,119 @@ pub fn attn_bwd_dkdv(
         attn_bwd_args(p, key_mask, d, &s),
     )
     .with_shared_f32(attn_dkdv_smem(s.head_dim))
+}
+
+/// Pointers of the norm forwards: (N, C) input and output, (C) weight and bias, (N) statistics.
+#[derive(Clone, Copy, Debug)]
+pub struct NormFwdPtrs {
+    /// (N, C).
+    pub inp: DevPtr,
+    /// (C).
+    pub w: DevPtr,
+    /// (C); LayerNorm only.
+    pub b: DevPtr,
+    /// (N, C), written.
+    pub out: DevPtr,
+    /// (N), written; LayerNorm only.
+    pub mean: DevPtr,
+    /// (N), written.
+    pub rstd: DevPtr,
+}
+
+/// `rmsnorm_fwd_f32(inp, w, C, eps, out, rstd)`: one block per row.
+pub fn rmsnorm_fwd(p: NormFwdPtrs, n: usize, c: usize, eps: f32) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.inp),
+        Arg::Ptr(p.w),
+        int(c, "C"),
+        Arg::F32(eps),
+        Arg::Ptr(p.out),
+        Arg::Ptr(p.rstd),
+    ];
+    Launch::new(RMSNORM_FWD_F32, n, NORM_BLOCK, args)
+}
+
+/// `layernorm_fwd_f32(inp, w, b, C, eps, out, mean, rstd)`: one block per row.
+pub fn layernorm_fwd(p: NormFwdPtrs, n: usize, c: usize, eps: f32) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.inp),
+        Arg::Ptr(p.w),
+        Arg::Ptr(p.b),
+        int(c, "C"),
+        Arg::F32(eps),
+        Arg::Ptr(p.out),
+        Arg::Ptr(p.mean),
+        Arg::Ptr(p.rstd),
+    ];
+    Launch::new(LAYERNORM_FWD_F32, n, NORM_BLOCK, args)
+}
+
+/// Pointers of the norm backwards.
+#[derive(Clone, Copy, Debug)]
+pub struct NormBwdPtrs {
+    /// (N, C), added to.
+    pub dinp: DevPtr,
+    /// (C), added to.
+    pub dw: DevPtr,
+    /// (N, C).
+    pub dout: DevPtr,
+    /// (N, C).
+    pub inp: DevPtr,
+    /// (C).
+    pub w: DevPtr,
+    /// (N) from the forward; null for RMSNorm.
+    pub mean: DevPtr,
+    /// (N) from the forward.
+    pub rstd: DevPtr,
+}
+
+/// `rmsnorm_bwd_dx_f32(dout, inp, w, rstd, C, dinp)` or, with a mean,
+/// `layernorm_bwd_dx_f32(dout, inp, w, mean, rstd, C, dinp)`: one block per row.
+pub fn norm_bwd_dx(p: NormBwdPtrs, n: usize, c: usize) -> Launch {
+    let mut args = vec![Arg::Ptr(p.dout), Arg::Ptr(p.inp), Arg::Ptr(p.w)];
+    let kernel = if p.mean == DevPtr::NULL {
+        RMSNORM_BWD_DX_F32
+    } else {
+        args.push(Arg::Ptr(p.mean));
+        LAYERNORM_BWD_DX_F32
+    };
+    args.extend([Arg::Ptr(p.rstd), int(c, "C"), Arg::Ptr(p.dinp)]);
+    Launch::new(kernel, n, NORM_BLOCK, args)
+}
+
+/// Row chunks of the weight gradient: rows of (C) f32 partials `norm_dw_partial_f32` writes.
+pub fn norm_dw_chunks(n: usize) -> usize {
+    n.div_ceil(NORM_DW_ROWS)
+}
+
+/// `norm_dw_partial_f32(dout, inp, mean, rstd, N, C, partials)`: one block per
+/// ([`NORM_DW_ROWS`] rows, [`NORM_BLOCK`] columns); partials is ([`norm_dw_chunks`], C) f32.
+pub fn norm_dw_partial(p: NormBwdPtrs, n: usize, c: usize, partials: DevPtr) -> Launch {
+    let args = vec![
+        Arg::Ptr(p.dout),
+        Arg::Ptr(p.inp),
+        Arg::Ptr(p.mean),
+        Arg::Ptr(p.rstd),
+        int(n, "N"),
+        int(c, "C"),
+        Arg::Ptr(partials),
+    ];
+    let blocks = norm_dw_chunks(n) * c.div_ceil(NORM_BLOCK as usize);
+    Launch::new(NORM_DW_PARTIAL_F32, blocks, NORM_BLOCK, args)
+}
+
+/// `norm_dw_sum_f32(partials, chunks, C, dw)`: one thread per column, dw added to.
+pub fn norm_dw_sum(p: NormBwdPtrs, n: usize, c: usize, partials: DevPtr) -> Launch {
+    let args = vec![
+        Arg::Ptr(partials),
+        int(norm_dw_chunks(n), "chunks"),
+        int(c, "C"),
+        Arg::Ptr(p.dw),
+    ];
+    Launch::new(
+        NORM_DW_SUM_F32,
+        c.div_ceil(NORM_BLOCK as usize),
+        NORM_BLOCK,
+        args,
+    )
 }

@@ -43,10 +43,10 @@ pub const DEFAULT_BATCH_SIZE: usize = 32;
 pub const DEFAULT_STEPS: usize = 1500;
 
 /// Special tokens, at the ids the built-in configurations expect.
-const EOS: &str = "<|endoftext|>";
-const PAD: &str = "<|pad|>";
+pub(crate) const EOS: &str = "<|endoftext|>";
+pub(crate) const PAD: &str = "<|pad|>";
 /// Stands for any character outside the alphabet, so that encoding arbitrary text works.
-const UNK: &str = "<|unk|>";
+pub(crate) const UNK: &str = "<|unk|>";
 
 /// The tokenizer's `tokenizer.json` and `tokenizer_config.json`: one token per character
 /// (a WordLevel model over single characters), `<|endoftext|>` = 0 (EOS), `<|pad|>` = 1,
@@ -81,17 +81,22 @@ pub fn tokenizer_files() -> (String, String) {
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK},
     });
-    let config = json!({
+    let s = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
+    (s(&tokenizer), s(&tokenizer_config(256)))
+}
+
+/// `tokenizer_config.json` of a built-in tokenizer with [`EOS`], [`PAD`] and [`UNK`]: the demo's
+/// tokenizer uses the same special tokens.
+pub(crate) fn tokenizer_config(model_max_length: usize) -> serde_json::Value {
+    json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         // GPT-2's convention: BOS is EOS, and the tokenizer does not prepend it.
         "bos_token": EOS,
         "eos_token": EOS,
         "pad_token": PAD,
         "unk_token": UNK,
-        "model_max_length": 256,
-    });
-    let s = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
-    (s(&tokenizer), s(&config))
+        "model_max_length": model_max_length,
+    })
 }
 
 /// Writes the tokenizer files into `dir`.

@@ -379,7 +379,8 @@ fn config_changes(old: &Value, new: &Value) -> Vec<(String, Value, Value)> {
         .collect()
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads and parses a JSON file, naming it in the error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),

@@ -15,7 +15,7 @@ pub mod task;
 
 use crate::algo::{dpo, grpo, ppo, reward as rm, sft};
 use crate::backend::cpu::Cpu;
-use crate::checkpoint::{latest_checkpoint, RUN_CONFIG_FILE};
+use crate::checkpoint::{latest_checkpoint, read_json, RUN_CONFIG_FILE};
 use crate::model::config::Config;
 use crate::model::weights::{copy_tokenizer_files, write_atomic, SaveDtype};
 use crate::model::{random_params, Layout, Model};
@@ -175,20 +175,16 @@ impl Plan {
 /// The file that marks a stage complete, with its wall time.
 const STAGE_FILE: &str = "stage.json";
 
-/// How a stage went: its wall time (from the run that completed it).
-struct StageDone {
-    seconds: f64,
-}
-
 /// Runs `train` in `RUN/name` unless `stage.json` says it is complete. `train` gets the
 /// directory and whether to resume (an earlier run was interrupted after a checkpoint); a
-/// directory interrupted before its first checkpoint is cleared and started afresh.
+/// directory interrupted before its first checkpoint is cleared and started afresh. Returns the
+/// stage's wall time in seconds, from the run that completed it.
 fn stage(
     root: &Path,
     name: &str,
     quiet: bool,
     train: impl FnOnce(&Path, bool) -> Result<()>,
-) -> Result<StageDone> {
+) -> Result<f64> {
     let dir = root.join(name);
     let marker = dir.join(STAGE_FILE);
     if marker.is_file() {
@@ -196,9 +192,7 @@ fn stage(
         if !quiet {
             println!("[{name}] complete in an earlier run: skipped");
         }
-        return Ok(StageDone {
-            seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
-        });
+        return Ok(v["seconds"].as_f64().unwrap_or(f64::NAN));
     }
     let resume = dir.join(RUN_CONFIG_FILE).is_file() && latest_checkpoint(&dir)?.is_some();
     if dir.exists() && !resume {
@@ -225,13 +219,7 @@ fn stage(
         .expect("JSON values serialise")
         .as_bytes(),
     )?;
-    Ok(StageDone { seconds })
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display())))
+    Ok(seconds)
 }
 
 /// Writes the data, the tokenizer and the randomly initialised model (`RUN/init`), unless an
@@ -265,7 +253,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let record = json!({ "settings": settings, "plan": plan, "engine": crate::checkpoint::engine_version() });
     let record_path = root.join("demo_config.json");
     if record_path.is_file() {
-        let old = read_json(&record_path)?;
+        let old: Value = read_json(&record_path)?;
         anyhow::ensure!(
             old["settings"] == record["settings"] && old["plan"] == record["plan"],
             "{} holds a demo run with other settings ({}: {}); rerun with those, or choose \
@@ -421,7 +409,7 @@ fn evaluate_all(
     root: &Path,
     plan: &Plan,
     args: &DemoArgs,
-    times: &[StageDone],
+    times: &[f64],
 ) -> Result<Vec<Row>> {
     let tok = crate::model::tokenizer::Tokenizer::load(&root.join("data"))?;
     let claims: Vec<task::Claim> = task::read_eval(&root.join("data").join("eval.jsonl"))?;
@@ -430,18 +418,12 @@ fn evaluate_all(
     std::fs::create_dir_all(&eval_dir).map_err(|e| Error::io(&eval_dir, e))?;
     // Wall time: SFT's own, and each RL model's on top of what it started from (the RM for PPO).
     let names = ["sft", "ppo", "grpo", "dpo"];
-    let secs = [
-        times[0].seconds,
-        times[1].seconds + times[2].seconds,
-        times[3].seconds,
-        times[4].seconds,
-    ];
+    let secs = [times[0], times[1] + times[2], times[3], times[4]];
     let mut rows = Vec::new();
     for (name, seconds) in names.into_iter().zip(secs) {
         let path = eval_dir.join(format!("{name}.json"));
         let scores = if path.is_file() {
-            serde_json::from_value(read_json(&path)?)
-                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?
+            read_json(&path)?
         } else {
             if !args.quiet {
                 println!("[eval] judging {name} on {} held-out claims", claims.len());

@@ -6,6 +6,7 @@
 //! claims whose operand pairs never occur in training. The tokenizer is built with the
 //! `tokenizers` crate and saved as `tokenizer.json`.
 
+use crate::builtin_task::{tokenizer_config, EOS, PAD, UNK};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::write_atomic;
 use crate::rng::Rng;
@@ -299,10 +300,6 @@ pub fn write(data: &TaskData, cfg: &TaskConfig, tok: &Tokenizer, dir: &Path) -> 
     Ok(())
 }
 
-/// Special tokens, first in the vocabulary.
-const EOS: &str = "<|endoftext|>";
-const PAD: &str = "<|pad|>";
-const UNK: &str = "<|unk|>";
 /// Words of the task.
 const WORDS: &[&str] = &["Is", "Yes", "No", "that's", "right", "not"];
 /// Symbols of the task.
@@ -370,17 +367,9 @@ pub fn write_tokenizer(dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer.json");
     let text = tok.to_string(true).map_err(tok_err)?;
     write_atomic(&path, text.as_bytes())?;
-    let config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "unk_token": UNK,
-        "model_max_length": 64,
-    });
     write_atomic(
         &dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&config)
+        serde_json::to_string_pretty(&tokenizer_config(64))
             .expect("JSON values serialise")
             .as_bytes(),
     )

@@ -141,10 +141,7 @@ pub struct DpoArgs {
 impl Default for DpoArgs {
     /// The command line's defaults (one source of truth: clap's).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let cmd = DpoArgs::augment_args(clap::Command::new("dpo").no_binary_name(true));
-        let matches = cmd.get_matches_from(std::iter::empty::<String>());
-        DpoArgs::from_arg_matches(&matches).expect("the defaults parse")
+        super::clap_defaults()
     }
 }
 

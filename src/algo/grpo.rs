@@ -211,10 +211,7 @@ pub struct GrpoArgs {
 impl Default for GrpoArgs {
     /// The command line's defaults (one source of truth: clap's).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let cmd = GrpoArgs::augment_args(clap::Command::new("grpo").no_binary_name(true));
-        let matches = cmd.get_matches_from(std::iter::empty::<String>());
-        GrpoArgs::from_arg_matches(&matches).expect("the defaults parse")
+        super::clap_defaults()
     }
 }
 

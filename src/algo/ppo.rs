@@ -193,10 +193,7 @@ pub struct PpoArgs {
 impl Default for PpoArgs {
     /// The command line's defaults (one source of truth: clap's).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let cmd = PpoArgs::augment_args(clap::Command::new("ppo").no_binary_name(true));
-        let matches = cmd.get_matches_from(std::iter::empty::<String>());
-        PpoArgs::from_arg_matches(&matches).expect("the defaults parse")
+        super::clap_defaults()
     }
 }
 

@@ -105,10 +105,7 @@ pub struct RmArgs {
 impl Default for RmArgs {
     /// The command line's defaults (one source of truth: clap's).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let cmd = RmArgs::augment_args(clap::Command::new("rm").no_binary_name(true));
-        let matches = cmd.get_matches_from(std::iter::empty::<String>());
-        RmArgs::from_arg_matches(&matches).expect("the defaults parse")
+        super::clap_defaults()
     }
 }
 

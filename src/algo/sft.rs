@@ -255,10 +255,7 @@ pub struct SftArgs {
 impl Default for SftArgs {
     /// The command line's defaults (one source of truth: clap's).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let cmd = SftArgs::augment_args(clap::Command::new("sft").no_binary_name(true));
-        let matches = cmd.get_matches_from(std::iter::empty::<String>());
-        SftArgs::from_arg_matches(&matches).expect("the defaults parse")
+        super::clap_defaults()
     }
 }
 

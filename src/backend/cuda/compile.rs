@@ -15,8 +15,13 @@ pub const SOURCES: &[(&str, &str)] = &[
         "attention.cu",
         include_str!("../../../kernels/attention.cu"),
     ),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
     ("kl.cu", include_str!("../../../kernels/kl.cu")),
     ("logprob.cu", include_str!("../../../kernels/logprob.cu")),
+    ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("ppo_loss.cu", include_str!("../../../kernels/ppo_loss.cu")),
     (
@@ -24,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/pref_loss.cu"),
     ),
     ("reduce.cu", include_str!("../../../kernels/reduce.cu")),
+    ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
 ];
 
 /// What the kernels are compiled to for a device.

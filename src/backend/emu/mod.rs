@@ -14,8 +14,11 @@
 //! bits for every seed. [`Emu::with_dropped_sync`] removes one `__syncthreads` from every thread,
 //! to show that the shim catches the race that opens.
 
+pub mod elementwise;
+pub mod matmul;
 pub mod ops;
 pub mod plan;
+pub mod sampling;
 mod shim;
 
 pub use ops::{KernelError, Launcher};

@@ -1,0 +1,2 @@
+// sampling.cu (being written)
+#include "common.cuh"

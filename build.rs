@@ -28,6 +28,8 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .opt_level(2)
+        // `#include <mma.h>` in a kernel file finds the shim's (kernels/emu/mma.h).
+        .include(root.join("kernels/emu"))
         .file(root.join("kernels/emu/runtime.cpp"));
 
     let mut entries = Vec::new();

@@ -1,7 +1,9 @@
 // attention.cu: fused causal self-attention with grouped-query heads and a key padding mask,
-// FlashAttention-2 style, in plain SIMT code (one fused multiply-add per lane per step; a
-// tensor-core version belongs in a file of its own): the forward, the decode step (one query row
-// per sequence against the KV cache) and the backward.
+// FlashAttention-2 style: in plain SIMT code (one fused multiply-add per lane per step) the
+// forward, the decode step (one query row per sequence against the KV cache) and the backward;
+// and a tensor-core forward and backward for bf16 at head dims 64 and 128 through CUDA's wmma
+// API (`attn_*_tc_bf16`, at the end of the file; under g++ the shim's kernels/emu/mma.h emulates
+// the API with a fragment layout of its own).
 //
 // CPU ops it must match: ModelOps::attention_forward / attention_backward
 // (src/backend/cpu/attention.rs) and DecodeOps::attention_decode (src/backend/cpu/decode.rs), in
@@ -18,6 +20,8 @@
 // arithmetic is f32). Blocks of ATTN_WARPS = 4 warps; dynamic shared memory sized from HD by the
 // host plans (src/backend/emu/plan.rs: `attn_*_smem`), at most 43 KB at the largest head dim, 128:
 //   attn_fwd_E(qkv, key_mask, T, NH, KVH, HD, scale, out, lse)
+//   attn_fwd_tc_bf16(qkv, key_mask, T, NH, KVH, HD, scale, out, lse): HD 64 or 128 only
+//   attn_bwd_dq_tc_bf16, attn_bwd_dkdv_tc_bf16: as attn_bwd_dq_E and attn_bwd_dkdv_E, likewise
 //   attn_decode_E(qkv, k_cache, v_cache, key_mask, NH, KVH, HD, len, TMAX, scale, out)
 //   attn_bwd_dot_E(dout, out, B·T, T, NH, HD, D)
 //   attn_bwd_dq_E(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv)
@@ -62,6 +66,11 @@
 //   (16·32)
 //   dK/dV: k and v (8·HD each), q and dO (32·HD each), P and dS (8·32 each)
 #include "common.cuh"
+
+// CUDA's warp matrix API; under g++, the shim's (kernels/emu/mma.h).
+#include <mma.h>
+
+using namespace nvcuda;
 
 /// Warps per block of every attention kernel.
 #define ATTN_WARPS 4
@@ -473,6 +482,445 @@ __device__ __forceinline__ void attn_bwd_dkdv(const E* __restrict__ qkv,
 }
 
 // ------------------------------------------------------------------------------------------------
+// tensor-core forward (wmma)
+// ------------------------------------------------------------------------------------------------
+
+/// Query rows per warp of the tensor-core forward: one 16-row wmma tile.
+#define ATTN_TC_ROWS 16
+/// Query rows per block of the tensor-core forward.
+#define ATTN_TC_BQ (ATTN_WARPS * ATTN_TC_ROWS)
+/// The wmma tile edge (m16n16k16).
+#define ATTN_WM 16
+
+typedef wmma::fragment<wmma::matrix_a, ATTN_WM, ATTN_WM, ATTN_WM, __nv_bfloat16, wmma::row_major>
+    attn_frag_a;
+typedef wmma::fragment<wmma::matrix_b, ATTN_WM, ATTN_WM, ATTN_WM, __nv_bfloat16, wmma::row_major>
+    attn_frag_b_row;
+typedef wmma::fragment<wmma::matrix_b, ATTN_WM, ATTN_WM, ATTN_WM, __nv_bfloat16, wmma::col_major>
+    attn_frag_b_col;
+typedef wmma::fragment<wmma::accumulator, ATTN_WM, ATTN_WM, ATTN_WM, float> attn_frag_acc;
+
+/// bf16 shared memory as the wmma API's element type (the same 16 bits as rl_bf16).
+__device__ __forceinline__ const __nv_bfloat16* attn_nv(const rl_bf16* p) {
+  return reinterpret_cast<const __nv_bfloat16*>(p);
+}
+
+/// dst[16][BN] (f32, row stride ld) = A·Bᵀ on the tensor cores: A is 16 rows of HD in fragments,
+/// B is BN rows of HD in shared memory (rows HD apart), read as a col_major multiplicand.
+/// Warp-collective; the stores are complete for the whole warp after a __syncwarp.
+template <int HD, int BN>
+__device__ __forceinline__ void attn_tc_abt(float* dst, int ld, const attn_frag_a (&a)[HD / ATTN_WM],
+                                            const rl_bf16* b) {
+  for (int n = 0; n < BN / ATTN_WM; ++n) {
+    attn_frag_acc acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int c = 0; c < HD / ATTN_WM; ++c) {
+      attn_frag_b_col bt;  // Bᵀ: element (d, j) at b[j·HD + d]
+      wmma::load_matrix_sync(bt, attn_nv(b + n * ATTN_WM * HD + c * ATTN_WM), HD);
+      wmma::mma_sync(acc, a[c], bt, acc);
+    }
+    wmma::store_matrix_sync(dst + n * ATTN_WM, acc, ld, wmma::mem_row_major);
+  }
+}
+
+/// Loads 16 rows of HD bf16 (rows HD apart in shared memory) as HD/16 matrix_a fragments.
+template <int HD>
+__device__ __forceinline__ void attn_tc_load_a(attn_frag_a (&a)[HD / ATTN_WM], const rl_bf16* src) {
+  for (int c = 0; c < HD / ATTN_WM; ++c) {
+    wmma::load_matrix_sync(a[c], attn_nv(src + c * ATTN_WM), HD);
+  }
+}
+
+/// acc[c] += W·M for the HD/16 column blocks c of M: W is 16 x BN bf16 in shared memory (row
+/// stride BN), M is BN rows of HD bf16 in shared memory (rows HD apart). Warp-collective.
+template <int HD, int BN>
+__device__ __forceinline__ void attn_tc_accumulate(attn_frag_acc (&acc)[HD / ATTN_WM],
+                                                   const rl_bf16* w, const rl_bf16* m) {
+  attn_frag_a wf[BN / ATTN_WM];
+  for (int n = 0; n < BN / ATTN_WM; ++n) {
+    wmma::load_matrix_sync(wf[n], attn_nv(w + n * ATTN_WM), BN);
+  }
+  for (int c = 0; c < HD / ATTN_WM; ++c) {
+    for (int n = 0; n < BN / ATTN_WM; ++n) {
+      attn_frag_b_row mf;  // element (j, d) at m[j·HD + d]
+      wmma::load_matrix_sync(mf, attn_nv(m + n * ATTN_WM * HD + c * ATTN_WM), HD);
+      wmma::mma_sync(acc[c], wf[n], mf, acc[c]);
+    }
+  }
+}
+
+/// Adds scale·acc to the warp's gradient rows: the fragments go to `stage` (16 rows of HD f32,
+/// the warp's own), then lane pairs add a row each (half the dims per lane) to g + r·stride for
+/// the rows r < valid. Warp-collective.
+template <int HD>
+__device__ __forceinline__ void attn_tc_add_rows(rl_bf16* g, long long stride, int valid,
+                                                 const attn_frag_acc (&acc)[HD / ATTN_WM],
+                                                 float* stage, float scale) {
+  for (int c = 0; c < HD / ATTN_WM; ++c) {
+    wmma::store_matrix_sync(stage + c * ATTN_WM, acc[c], HD, wmma::mem_row_major);
+  }
+  __syncwarp();  // the whole tile is stored
+  const int lane = threadIdx.x % RL_WARP;
+  const int row = lane / 2;
+  if (row < valid) {
+    rl_bf16* out = g + row * stride;
+    for (int d = (lane % 2) * (HD / 2); d < (lane % 2 + 1) * (HD / 2); ++d) {
+      store_f32(&out[d], to_f32(out[d]) + scale * stage[row * HD + d]);
+    }
+  }
+  __syncwarp();  // every lane has read the stage before it is reused
+}
+
+/// Copies `rows` rows of `hd` bf16 values (row r at src + r·stride) into `dst` (rows hd apart),
+/// zeroing rows `valid..rows`, as `load_tile` does for f32 tiles. Block-wide; the caller syncs.
+__device__ __forceinline__ void load_tile_bf16(rl_bf16* dst, const rl_bf16* src, long long stride,
+                                               int rows, int valid, int hd) {
+  rl_bf16 zero;
+  zero.bits = 0;
+  for (int e = threadIdx.x; e < rows * hd; e += blockDim.x) {
+    const int r = e / hd;
+    dst[e] = r < valid ? src[r * stride + e % hd] : zero;
+  }
+}
+
+/// One warp's online-softmax step on its 16 x BK score tile `ss` (f32, as store_matrix_sync left
+/// it): two lanes per row, each with half the columns. Writes P = exp(s - m_new) as bf16 into
+/// `ps`, multiplies the lane's half of the row's O (in `os`, f32) by exp(m_old - m_new), and
+/// updates the running max `m` (the same in both lanes of a row) and this lane's partial sum `l`
+/// of the unrounded probabilities. `visible(j)`: whether tile column j is a key the row sees.
+template <int HD, int BK>
+__device__ __forceinline__ void attn_tc_softmax(const float* ss, rl_bf16* ps, float* os, int row,
+                                                int half, unsigned visible, float scale,
+                                                float& m, float& l) {
+  const int j_lo = half * (BK / 2);
+  float sc[BK / 2];
+  float mx = -rl_inf();
+  for (int j = 0; j < BK / 2; ++j) {
+    sc[j] = (visible >> j & 1u) ? ss[row * BK + j_lo + j] * scale : -rl_inf();
+    mx = fmaxf(mx, sc[j]);
+  }
+  const float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(RL_FULL_MASK, mx, 1)));
+  // While the row has seen no key there is nothing to add, and exp(-inf - -inf) would be NaN.
+  const bool live = m_new != -rl_inf();
+  const float alpha = live ? __expf(m - m_new) : 1.f;  // 0 the first time, when m = -inf
+  float sum = 0.f;
+  for (int j = 0; j < BK / 2; ++j) {
+    const float p = live ? __expf(sc[j] - m_new) : 0.f;  // 0 where masked
+    sum += p;
+    ps[row * BK + j_lo + j] = to_bf16(p);
+  }
+  l = l * alpha + sum;
+  m = live ? m_new : m;
+  float* o = os + row * HD + half * (HD / 2);
+  for (int d = 0; d < HD / 2; ++d) o[d] *= alpha;
+}
+
+/// The tensor-core forward: the contract of `attn_fwd` (see the file comment), bf16 only, HD a
+/// multiple of 16. A block takes ATTN_TC_BQ = 64 query rows of one (sequence, head), 16 per warp,
+/// and streams keys through shared memory in tiles of BK. Per tile and warp: S = Q·Kᵀ on the
+/// tensor cores (Q in fragments for the whole loop, K from shared memory as a col_major
+/// multiplicand), stored to shared memory; the online softmax on the stored tile
+/// (`attn_tc_softmax`, which also rescales the stored O rows); then O += P·V on the tensor cores,
+/// O loaded from and stored back to shared memory. Every element-wise step works on stored tiles,
+/// never on fragment elements, so nothing depends on the hardware's fragment layout. Shared
+/// memory (`attn_fwd_tc_smem` in plan.rs), per block: O [64][HD] f32 (which first stages the Q
+/// tile as bf16), S [64][BK] f32, K and V [BK][HD] bf16, P [64][BK] bf16: 46 KB at HD = 128,
+/// BK = 16, and 36 KB at HD = 64, BK = 32. Tiles and strides are multiples of 32 bytes, as
+/// wmma's loads and stores require.
+template <int HD, int BK>
+__device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
+                                            const unsigned* __restrict__ key_mask, int T, int NH,
+                                            int KVH, float scale, rl_bf16* __restrict__ out,
+                                            float* __restrict__ lse) {
+  RL_DYNAMIC_SHARED(float, smem);
+  float* os = smem;                                           // [ATTN_TC_BQ][HD]
+  float* ss = os + ATTN_TC_BQ * HD;                           // [ATTN_TC_BQ][BK]
+  rl_bf16* ks = reinterpret_cast<rl_bf16*>(ss + ATTN_TC_BQ * BK);  // [BK][HD]
+  rl_bf16* vs = ks + BK * HD;                                 // [BK][HD]
+  rl_bf16* ps = vs + BK * HD;                                 // [ATTN_TC_BQ][BK]
+  const int tiles = (T + ATTN_TC_BQ - 1) / ATTN_TC_BQ;
+  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);  // longest first, as in attn_fwd
+  const int bh = (int)(blockIdx.x / tiles);
+  const int b = bh / NH;
+  const int h = bh % NH;
+  const int g = h / (NH / KVH);
+  const int i0 = tile * ATTN_TC_BQ;
+  const int rows = attn_min(ATTN_TC_BQ, T - i0);
+  const int n_keys = i0 + rows;  // causality: no query of the tile sees a later key
+  const long long w = (long long)(NH + 2 * KVH) * HD;
+  const long long ow = (long long)NH * HD;
+  const rl_bf16* seq = qkv + (long long)b * T * w;
+  const unsigned* mask = key_mask + (long long)b * T;
+  const int warp = threadIdx.x / RL_WARP;
+  const int lane = threadIdx.x % RL_WARP;
+  const int r0 = warp * ATTN_TC_ROWS;  // the warp's first row in the block
+  float* os_w = os + r0 * HD;
+  float* ss_w = ss + r0 * BK;
+  rl_bf16* ps_w = ps + r0 * BK;
+
+  // Q through shared memory (the O area), zero-padded past the sequence, into fragments.
+  rl_bf16* qs = reinterpret_cast<rl_bf16*>(os);
+  load_tile_bf16(qs, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows, HD);
+  __syncthreads();
+  attn_frag_a q[HD / ATTN_WM];
+  attn_tc_load_a<HD>(q, qs + r0 * HD);
+  __syncthreads();  // every warp holds its q before O overwrites the staging area
+  for (int e = lane; e < ATTN_TC_ROWS * HD; e += RL_WARP) os_w[e] = 0.f;
+
+  const int row = lane / 2;  // the row this lane's softmax work is on, and its half of it
+  const int half = lane % 2;
+  const int i = i0 + r0 + row;
+  // The warp's last row that exists: a tile starting after it has no key for the warp.
+  const int last = i0 + attn_min(r0 + ATTN_TC_ROWS, rows) - 1;
+  float m = -rl_inf();
+  float l = 0.f;
+  for (int j0 = 0; j0 < n_keys; j0 += BK) {
+    load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0, HD);
+    load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0, HD);
+    __syncthreads();  // K and V (and, the first time, every warp's zeroed O) written
+    if (r0 < rows && j0 <= last) {  // uniform over the warp
+      attn_tc_abt<HD, BK>(ss_w, BK, q, ks);
+      unsigned visible = 0;  // bit j: column half·BK/2 + j is a key this lane's row sees
+      for (int jj = 0; jj < BK / 2; ++jj) {
+        const int j = j0 + half * (BK / 2) + jj;
+        const bool v = r0 + row < rows && j <= i && j < n_keys && mask[j] != 0u;
+        visible |= (unsigned)v << jj;
+      }
+      __syncwarp();  // the whole S tile is stored
+      attn_tc_softmax<HD, BK>(ss_w, ps_w, os_w, row, half, visible, scale, m, l);
+      __syncwarp();  // P and the rescaled O rows are written
+      attn_frag_a p[BK / ATTN_WM];
+      for (int n = 0; n < BK / ATTN_WM; ++n) {
+        wmma::load_matrix_sync(p[n], attn_nv(ps_w + n * ATTN_WM), BK);
+      }
+      for (int c = 0; c < HD / ATTN_WM; ++c) {
+        attn_frag_acc o;
+        wmma::load_matrix_sync(o, os_w + c * ATTN_WM, HD, wmma::mem_row_major);
+        for (int n = 0; n < BK / ATTN_WM; ++n) {
+          attn_frag_b_row v;  // element (j, d) at vs[j·HD + d]
+          wmma::load_matrix_sync(v, attn_nv(vs + n * ATTN_WM * HD + c * ATTN_WM), HD);
+          wmma::mma_sync(o, p[n], v, o);
+        }
+        wmma::store_matrix_sync(os_w + c * ATTN_WM, o, HD, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // every warp is done with K and V (and its O stores are visible)
+  }
+
+  const float sum = l + __shfl_xor_sync(RL_FULL_MASK, l, 1);
+  if (r0 + row >= rows) return;  // no barrier or shuffle follows
+  rl_bf16* o = out + ((long long)b * T + i) * ow + h * HD;
+  const float* acc = os_w + row * HD;
+  for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); ++d) {
+    store_f32(&o[d], sum > 0.f ? acc[d] / sum : 0.f);
+  }
+  if (half == 0) {
+    lse[((long long)b * NH + h) * T + i] = sum > 0.f ? m + logf(sum) : attn_lse_no_key();
+  }
+}
+
+/// dS = P ∘ (dP - D) of one lane's half row (columns half·BN/2 on) of the dQ kernel's stored
+/// 16 x BN tiles S and dP, with P = exp(scale·S - lse) where `visible` (bit jj: the half's column
+/// jj) and 0 elsewhere; written as bf16 to `dss` (row stride BN). `lse` and `d`: the row's.
+template <int BN>
+__device__ __forceinline__ void attn_tc_ds(const float* ss, const float* dps, rl_bf16* dss,
+                                           int row, int half, unsigned visible, float scale,
+                                           float lse, float d) {
+  for (int jj = 0; jj < BN / 2; ++jj) {
+    const int j = row * BN + half * (BN / 2) + jj;
+    const float p = (visible >> jj & 1u) ? __expf(ss[j] * scale - lse) : 0.f;
+    dss[j] = to_bf16(p * (dps[j] - d));
+  }
+}
+
+/// The tensor-core dQ: the contract of `attn_bwd_dq` (adds dq into dqkv), bf16, HD 64 or 128.
+/// A block takes ATTN_TC_BQ = 64 query rows of one (sequence, head), 16 per warp, whose q and dO
+/// it keeps in fragments, and streams K and V in tiles of BK. Per tile and warp: S = Q·Kᵀ and
+/// dP = dO·Vᵀ on the tensor cores, stored; dS = P ∘ (dP - D) from the stored tiles, as bf16; dQ
+/// += dS·K on the tensor cores, in fragments (the backward rescales nothing). Shared memory
+/// (`attn_bwd_tc_dq_smem` in plan.rs): a union of the q and dO staging [64][HD] bf16 each, the K
+/// and V tiles [BK][HD] bf16, and the dQ staging [64][HD] f32 (32 KB at HD = 128); then per
+/// warp S and dP [16][BK] f32 and dS [16][BK] bf16: 42 KB at HD = 128.
+template <int HD, int BK>
+__device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
+                                               const rl_bf16* __restrict__ dout,
+                                               const float* __restrict__ lse,
+                                               const float* __restrict__ D,
+                                               const unsigned* __restrict__ key_mask, int T, int NH,
+                                               int KVH, float scale, rl_bf16* __restrict__ dqkv) {
+  RL_DYNAMIC_SHARED(float, smem);
+  float* un = smem;                                        // the union, 64·HD f32
+  rl_bf16* qs = reinterpret_cast<rl_bf16*>(un);            // [64][HD] bf16, staging
+  rl_bf16* dos = qs + ATTN_TC_BQ * HD;                     // [64][HD] bf16, staging
+  rl_bf16* ks = qs;                                        // [BK][HD] bf16, in the loop
+  rl_bf16* vs = ks + BK * HD;                              // [BK][HD] bf16, in the loop
+  float* ss = un + ATTN_TC_BQ * HD;                        // [64][BK]
+  float* dps = ss + ATTN_TC_BQ * BK;                       // [64][BK]
+  rl_bf16* dss = reinterpret_cast<rl_bf16*>(dps + ATTN_TC_BQ * BK);  // [64][BK]
+  const int tiles = (T + ATTN_TC_BQ - 1) / ATTN_TC_BQ;
+  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);  // longest first
+  const int bh = (int)(blockIdx.x / tiles);
+  const int b = bh / NH;
+  const int h = bh % NH;
+  const int g = h / (NH / KVH);
+  const int i0 = tile * ATTN_TC_BQ;
+  const int rows = attn_min(ATTN_TC_BQ, T - i0);
+  const int n_keys = i0 + rows;
+  const long long w = (long long)(NH + 2 * KVH) * HD;
+  const long long ow = (long long)NH * HD;
+  const rl_bf16* seq = qkv + (long long)b * T * w;
+  const unsigned* mask = key_mask + (long long)b * T;
+  const long long stats = ((long long)b * NH + h) * T;  // of (B, NH, T) lse and D
+  const int warp = threadIdx.x / RL_WARP;
+  const int lane = threadIdx.x % RL_WARP;
+  const int r0 = warp * ATTN_TC_ROWS;
+  const int row = lane / 2;
+  const int half = lane % 2;
+  const int i = i0 + r0 + row;
+  const bool row_in = r0 + row < rows;
+  const float lse_r = row_in ? lse[stats + i] : 0.f;
+  const float d_r = row_in ? D[stats + i] : 0.f;
+
+  load_tile_bf16(qs, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows, HD);
+  load_tile_bf16(dos, dout + ((long long)b * T + i0) * ow + h * HD, ow, ATTN_TC_BQ, rows, HD);
+  __syncthreads();
+  attn_frag_a q[HD / ATTN_WM], dof[HD / ATTN_WM];
+  attn_tc_load_a<HD>(q, qs + r0 * HD);
+  attn_tc_load_a<HD>(dof, dos + r0 * HD);
+  __syncthreads();  // every warp holds its q and dO before K and V overwrite the staging
+  attn_frag_acc dq[HD / ATTN_WM];
+  for (int c = 0; c < HD / ATTN_WM; ++c) wmma::fill_fragment(dq[c], 0.f);
+  const int last = i0 + attn_min(r0 + ATTN_TC_ROWS, rows) - 1;  // the warp's last row
+  for (int j0 = 0; j0 < n_keys; j0 += BK) {
+    load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0, HD);
+    load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0, HD);
+    __syncthreads();  // K and V written
+    if (r0 < rows && j0 <= last) {  // uniform over the warp
+      attn_tc_abt<HD, BK>(ss + r0 * BK, BK, q, ks);
+      attn_tc_abt<HD, BK>(dps + r0 * BK, BK, dof, vs);
+      unsigned visible = 0;
+      for (int jj = 0; jj < BK / 2; ++jj) {
+        const int j = j0 + half * (BK / 2) + jj;
+        visible |= (unsigned)(row_in && j <= i && j < n_keys && mask[j] != 0u) << jj;
+      }
+      __syncwarp();  // S and dP are stored
+      attn_tc_ds<BK>(ss + r0 * BK, dps + r0 * BK, dss + r0 * BK, row, half, visible, scale,
+                     lse_r, d_r);
+      __syncwarp();  // dS is written
+      attn_tc_accumulate<HD, BK>(dq, dss + r0 * BK, ks);
+    }
+    __syncthreads();  // every warp is done with K and V
+  }
+  if (r0 >= rows) return;  // uniform over the warp; no block barrier follows
+  attn_tc_add_rows<HD>(dqkv + ((long long)b * T + i0 + r0) * w + h * HD, w, rows - r0, dq,
+                       un + r0 * HD, scale);
+}
+
+/// The tensor-core dK and dV: the contract of `attn_bwd_dkdv` (adds dk and dv into dqkv), bf16,
+/// HD 64 or 128. A block takes ATTN_TC_BQ = 64 keys of one (sequence, key/value head), 16 per
+/// warp, keeps their K and V in shared memory and their dK and dV in fragments, and walks, for
+/// each query head of the group in order, the query tiles of BQ from its first key on. Per tile
+/// and warp (keys as rows, queries as columns): Sᵀ = K·Qᵀ, stored; Pᵀ from it, as bf16; dV +=
+/// Pᵀ·dO; dPᵀ = V·dOᵀ, stored over Sᵀ; dSᵀ = Pᵀ ∘ (dPᵀ - D), as bf16 over Pᵀ; dK += dSᵀ·Q.
+/// Shared memory (`attn_bwd_tc_dkdv_smem` in plan.rs): K and V [64][HD] bf16 (at the end, the
+/// dK/dV staging, [64][HD] f32), q and dO tiles [BQ][HD] bf16, and per warp one [16][BQ] f32
+/// tile and one [16][BQ] bf16 tile: 46 KB at HD = 128, BQ = 16.
+template <int HD, int BQ>
+__device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv,
+                                                 const rl_bf16* __restrict__ dout,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ D,
+                                                 const unsigned* __restrict__ key_mask, int T,
+                                                 int NH, int KVH, float scale,
+                                                 rl_bf16* __restrict__ dqkv) {
+  RL_DYNAMIC_SHARED(float, smem);
+  rl_bf16* ks = reinterpret_cast<rl_bf16*>(smem);           // [64][HD]
+  rl_bf16* vs = ks + ATTN_TC_BQ * HD;                       // [64][HD]
+  float* stage = smem;                                      // [64][HD] f32, at the end
+  rl_bf16* qs = vs + ATTN_TC_BQ * HD;                       // [BQ][HD]
+  rl_bf16* dos = qs + BQ * HD;                              // [BQ][HD]
+  float* sbuf = reinterpret_cast<float*>(dos + BQ * HD);    // [64][BQ]: Sᵀ, then dPᵀ
+  rl_bf16* pbuf = reinterpret_cast<rl_bf16*>(sbuf + ATTN_TC_BQ * BQ);  // [64][BQ]: Pᵀ, then dSᵀ
+  const int tiles = (T + ATTN_TC_BQ - 1) / ATTN_TC_BQ;
+  const int tile = (int)(blockIdx.x % tiles);  // earlier keys see more queries: longest first
+  const int bg = (int)(blockIdx.x / tiles);
+  const int b = bg / KVH;
+  const int g = bg % KVH;
+  const int group = NH / KVH;
+  const int j0 = tile * ATTN_TC_BQ;
+  const int keys = attn_min(ATTN_TC_BQ, T - j0);
+  const long long w = (long long)(NH + 2 * KVH) * HD;
+  const long long ow = (long long)NH * HD;
+  const rl_bf16* seq = qkv + (long long)b * T * w;
+  const int warp = threadIdx.x / RL_WARP;
+  const int lane = threadIdx.x % RL_WARP;
+  const int r0 = warp * ATTN_TC_ROWS;  // the warp's first key in the block
+  const int row = lane / 2;
+  const int half = lane % 2;
+  const int key = j0 + r0 + row;  // this lane's key
+  const bool key_in = r0 + row < keys && key_mask[(long long)b * T + key] != 0u;
+  float* sb = sbuf + r0 * BQ;
+  rl_bf16* pb = pbuf + r0 * BQ;
+
+  load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, ATTN_TC_BQ, keys, HD);
+  load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, ATTN_TC_BQ, keys, HD);
+  attn_frag_acc dk[HD / ATTN_WM], dv[HD / ATTN_WM];
+  for (int c = 0; c < HD / ATTN_WM; ++c) {
+    wmma::fill_fragment(dk[c], 0.f);
+    wmma::fill_fragment(dv[c], 0.f);
+  }
+  for (int hh = 0; hh < group; ++hh) {
+    const int h = g * group + hh;
+    const long long stats = ((long long)b * NH + h) * T;
+    for (int i0 = j0; i0 < T; i0 += BQ) {  // causality: queries before j0 see no key
+      const int rows = attn_min(BQ, T - i0);
+      load_tile_bf16(qs, seq + i0 * w + h * HD, w, BQ, rows, HD);
+      load_tile_bf16(dos, dout + ((long long)b * T + i0) * ow + h * HD, ow, BQ, rows, HD);
+      __syncthreads();  // q and dO (and, the first time, K and V) written
+      // Uniform over the warp: its keys exist and the tile's last query sees its first key.
+      if (r0 < keys && i0 + rows - 1 >= j0 + r0) {
+        unsigned visible = 0;
+        float lse_c[BQ / 2], d_c[BQ / 2];
+        for (int jj = 0; jj < BQ / 2; ++jj) {
+          const int col = half * (BQ / 2) + jj;
+          const bool v = key_in && col < rows && key <= i0 + col;
+          visible |= (unsigned)v << jj;
+          lse_c[jj] = v ? lse[stats + i0 + col] : 0.f;
+          d_c[jj] = v ? D[stats + i0 + col] : 0.f;
+        }
+        attn_frag_a a[HD / ATTN_WM];
+        attn_tc_load_a<HD>(a, ks + r0 * HD);
+        attn_tc_abt<HD, BQ>(sb, BQ, a, qs);  // Sᵀ
+        __syncwarp();  // Sᵀ is stored
+        for (int jj = 0; jj < BQ / 2; ++jj) {
+          const int col = half * (BQ / 2) + jj;
+          const float p =
+              (visible >> jj & 1u) ? __expf(sb[row * BQ + col] * scale - lse_c[jj]) : 0.f;
+          pb[row * BQ + col] = to_bf16(p);
+        }
+        __syncwarp();  // Pᵀ is written, and every lane has read Sᵀ
+        attn_tc_accumulate<HD, BQ>(dv, pb, dos);
+        attn_tc_load_a<HD>(a, vs + r0 * HD);
+        attn_tc_abt<HD, BQ>(sb, BQ, a, dos);  // dPᵀ, over Sᵀ
+        __syncwarp();  // dPᵀ is stored, and every lane has read Pᵀ into its fragments
+        for (int jj = 0; jj < BQ / 2; ++jj) {
+          const int col = half * (BQ / 2) + jj;
+          const float p = to_f32(pb[row * BQ + col]);
+          pb[row * BQ + col] = to_bf16(p * (sb[row * BQ + col] - d_c[jj]));
+        }
+        __syncwarp();  // dSᵀ is written
+        attn_tc_accumulate<HD, BQ>(dk, pb, qs);
+      }
+      __syncthreads();  // every warp is done with q and dO (and K and V, the last time)
+    }
+  }
+  if (r0 >= keys) return;  // uniform over the warp; no block barrier follows
+  rl_bf16* key_rows = dqkv + ((long long)b * T + j0 + r0) * w;
+  attn_tc_add_rows<HD>(key_rows + (NH + g) * HD, w, keys - r0, dk, stage + r0 * HD, scale);
+  attn_tc_add_rows<HD>(key_rows + (NH + KVH + g) * HD, w, keys - r0, dv, stage + r0 * HD, 1.f);
+}
+
+// ------------------------------------------------------------------------------------------------
 // entry points
 // ------------------------------------------------------------------------------------------------
 
@@ -535,4 +983,41 @@ extern "C" __global__ void attn_bwd_dkdv_bf16(const rl_bf16* qkv, const rl_bf16*
                                               const unsigned* key_mask, int T, int NH, int KVH,
                                               int HD, float scale, rl_bf16* dqkv) {
   attn_bwd_dkdv(qkv, dout, lse, D, key_mask, T, NH, KVH, HD, scale, dqkv);
+}
+
+extern "C" __global__ void attn_fwd_tc_bf16(const rl_bf16* qkv, const unsigned* key_mask, int T,
+                                            int NH, int KVH, int HD, float scale, rl_bf16* out,
+                                            float* lse) {
+  // The host (plan::attn_fwd_tc) launches it for these head dims only; BK keeps the shared
+  // memory within 48 KB at HD = 128.
+  if (HD == 64) {
+    attn_fwd_tc<64, 32>(qkv, key_mask, T, NH, KVH, scale, out, lse);
+  } else if (HD == 128) {
+    attn_fwd_tc<128, 16>(qkv, key_mask, T, NH, KVH, scale, out, lse);
+  }
+}
+
+extern "C" __global__ void attn_bwd_dq_tc_bf16(const rl_bf16* qkv, const rl_bf16* dout,
+                                               const float* lse, const float* D,
+                                               const unsigned* key_mask, int T, int NH, int KVH,
+                                               int HD, float scale, rl_bf16* dqkv) {
+  // For these head dims only (plan::attn_bwd_dq_tc), with key tiles as in attn_fwd_tc_bf16.
+  if (HD == 64) {
+    attn_bwd_dq_tc<64, 32>(qkv, dout, lse, D, key_mask, T, NH, KVH, scale, dqkv);
+  } else if (HD == 128) {
+    attn_bwd_dq_tc<128, 16>(qkv, dout, lse, D, key_mask, T, NH, KVH, scale, dqkv);
+  }
+}
+
+extern "C" __global__ void attn_bwd_dkdv_tc_bf16(const rl_bf16* qkv, const rl_bf16* dout,
+                                                 const float* lse, const float* D,
+                                                 const unsigned* key_mask, int T, int NH, int KVH,
+                                                 int HD, float scale, rl_bf16* dqkv) {
+  // For these head dims only (plan::attn_bwd_dkdv_tc); query tiles of 16 keep the shared memory
+  // within 48 KB at HD = 128.
+  if (HD == 64) {
+    attn_bwd_dkdv_tc<64, 32>(qkv, dout, lse, D, key_mask, T, NH, KVH, scale, dqkv);
+  } else if (HD == 128) {
+    attn_bwd_dkdv_tc<128, 16>(qkv, dout, lse, D, key_mask, T, NH, KVH, scale, dqkv);
+  }
 }

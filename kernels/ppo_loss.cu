@@ -5,8 +5,9 @@
 // CPU ops they must match (src/backend/cpu/loss.rs):
 //   policy_loss_f32         LossOps::policy_loss: with r = e^(logp - logp_old),
 //                           l = max(-A·r, -A·clip(r, lo, hi)), capped at -A·c where A < 0 (dual
-//                           clip), + β·k3(logp, logp_ref) - entropy_coef·H; loss and gradient in
-//                           one pass.
+//                           clip), times the truncated importance weight w when given,
+//                           + β·k3(logp, logp_ref) - entropy_coef·H; loss and gradient in one
+//                           pass.
 //   value_loss_f32          LossOps::value_loss: l = ½·max((V-R)², (clip(V, V_old ± ε) - R)²).
 //   gae_f32                 LossOps::gae before whitening.
 //   discounted_returns_f32  LossOps::reinforce_pp's returns.
@@ -42,7 +43,7 @@ extern "C" __global__ void policy_loss_f32(
     const float* logp_ref, const float* entropy, const float* mask, const double* counts,
     int rows, int T, float clip_lo, float clip_hi, int dual_clip, float dual_c, float kl_coef,
     float entropy_coef, int agg, double agg_param, float dloss, float* per_token, float* dlogp,
-    float* dentropy, double* partials) {
+    float* dentropy, double* partials, const float* is_weight) {
   __shared__ double scratch[(POLICY_PARTIALS - 1) * RL_WARP];
   const int b = blockIdx.x;
   const double total = agg_total_tokens(agg, counts, rows, scratch);
@@ -71,6 +72,11 @@ extern "C" __global__ void policy_loss_f32(
       l = -a * dual_c;
       g = 0.f;
       dual = true;
+    }
+    // TRL weights the clipped surrogate, not the KL term, by the constant truncated IS ratio.
+    if (is_weight) {
+      l *= is_weight[i];
+      g *= is_weight[i];
     }
     if (logp_ref) {
       float dk3;

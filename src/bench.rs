@@ -3,11 +3,16 @@
 
 use crate::algo::sft::nll_loss_and_grad;
 use crate::backend::cpu::Cpu;
-use crate::backend::Backend;
+use crate::backend::cuda::{Cuda, DeviceChoice, Selected};
+use crate::backend::emu::ops;
+use crate::backend::emu::plan::{AttnDtype, AttnFwdPtrs, AttnKernel};
+use crate::backend::emu::Emu;
+use crate::backend::{AttnShape, Backend, ModelOps};
 use crate::model::{random_params, Batch, Config, Layout, Model, Pad};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
+use half::bf16;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -687,5 +692,246 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
             std::fs::remove_dir_all(&dir).ok();
         }
     }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// rlhf bench attention
+// ------------------------------------------------------------------------------------------------
+
+/// FlashAttention-2's published causal forward throughput on an A100, TFLOP/s (bf16).
+pub const FA2_A100_TFLOPS: f64 = 230.0;
+/// FlashAttention-2's published causal forward throughput on an H100, TFLOP/s (bf16).
+pub const FA2_H100_TFLOPS: f64 = 335.0;
+
+/// The first line of `rlhf bench attention` when the kernels run on the emulator.
+pub const ATTENTION_EMU_NOTICE: &str = "no GPU: the emulated kernels (CPU shim) on a small shape; \
+     their times and TFLOP/s say nothing about a GPU's speed";
+
+/// Arguments of `rlhf bench attention`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AttentionArgs {
+    /// `cuda`: the sweep on a GPU (head dims 64 and 128, T = 1024 to 8192, bf16); `emu`: the
+    /// emulated kernels on a small shape (checks that they run, no speed figure); `cpu`: the CPU
+    /// reference op (f32) on small shapes; `auto`: cuda where a device opens, else emu.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Timed runs per case and kernel, after a warm-up; the fastest counts.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+}
+
+/// One case: `b` sequences of `t` tokens, `h` query heads (and as many key/value heads) of dim `d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnCase {
+    /// Sequences.
+    pub b: usize,
+    /// Heads.
+    pub h: usize,
+    /// Tokens per sequence.
+    pub t: usize,
+    /// Head dim.
+    pub d: usize,
+}
+
+impl AttnCase {
+    fn shape(self) -> AttnShape {
+        AttnShape {
+            b: self.b,
+            t: self.t,
+            n_head: self.h,
+            n_kv_head: self.h,
+            head_dim: self.d,
+        }
+    }
+
+    /// FLOPs of the causal forward as the issue (and FlashAttention-2's benchmarks) count them:
+    /// 2·B·H·T²·D, the two T x T x D products of the full square halved by causality.
+    pub fn flops(self) -> f64 {
+        2.0 * (self.b * self.h) as f64 * (self.t as f64).powi(2) * self.d as f64
+    }
+}
+
+/// The GPU sweep: head dims 64 and 128, T = 1024 to 8192, 16 heads, and B = 16k / T sequences,
+/// so that every case holds 16k tokens (B·H·T = 256k) and does enough work to time.
+pub fn attention_gpu_cases() -> Vec<AttnCase> {
+    let mut cases = Vec::new();
+    for d in [64, 128] {
+        for t in [1024, 2048, 4096, 8192] {
+            cases.push(AttnCase {
+                b: 16_384 / t,
+                h: 16,
+                t,
+                d,
+            });
+        }
+    }
+    cases
+}
+
+/// `rlhf bench attention`: the fused causal attention forward alone, the tensor-core and the SIMT
+/// kernel, in ms and TFLOP/s ([`AttnCase::flops`]) against FlashAttention-2's published figures.
+pub fn attention(args: &AttentionArgs) -> Result<()> {
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    match args.device {
+        DeviceChoice::Cpu => attention_on_cpu(args.repeats),
+        DeviceChoice::Emu => attention_on_emu(),
+        DeviceChoice::Cuda | DeviceChoice::Auto => match args.device.select().context(
+            "--device cuda: no CUDA device to run on (--device emu runs the emulated kernels)",
+        )? {
+            Selected::Cuda(cuda) => attention_on_cuda(&cuda, args.repeats),
+            Selected::Cpu | Selected::Emu => attention_on_emu(),
+        },
+    }
+}
+
+fn attention_header() {
+    println!(
+        "{:<12} {:>4} {:>5} {:>6} {:>10} {:>9} {:>12} {:>12}",
+        "kernel",
+        "D",
+        "T",
+        "B x H",
+        "ms",
+        "TFLOP/s",
+        "/ FA2 A100",
+        "/ FA2 H100"
+    );
+}
+
+fn attention_row(kernel: &str, c: AttnCase, secs: f64) {
+    let tflops = c.flops() / secs / 1e12;
+    println!(
+        "{:<12} {:>4} {:>5} {:>6} {:>10.3} {:>9.3} {:>12.3} {:>12.3}",
+        kernel,
+        c.d,
+        c.t,
+        format!("{}x{}", c.b, c.h),
+        secs * 1e3,
+        tflops,
+        tflops / FA2_A100_TFLOPS,
+        tflops / FA2_H100_TFLOPS
+    );
+}
+
+/// The fastest of `repeats` runs of `f`, after one untimed warm-up run.
+fn fastest(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        f()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// `n` N(0, 1) values as bf16 (the scores then spread over a few units, as in a trained model).
+fn random_bf16(rng: &mut Rng, n: usize) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.normal() as f32))
+        .collect()
+}
+
+/// The two forward kernels by the names the table gives them ([`AttnKernel::Auto`] is the
+/// tensor-core kernel at the head dims benchmarked).
+const ATTN_KERNELS: [(&str, AttnKernel); 2] = [
+    ("tensor-core", AttnKernel::Auto),
+    ("simt", AttnKernel::Simt),
+];
+
+/// Both kernels on the emulator, once each, on a small shape per head dim: T = 96 spans two query
+/// blocks of the tensor-core kernel, the second partly filled.
+fn attention_on_emu() -> Result<()> {
+    println!("{ATTENTION_EMU_NOTICE}");
+    attention_header();
+    let emu = Emu::default();
+    let mut rng = Rng::new(0xa77e);
+    for d in [64, 128] {
+        let c = AttnCase {
+            b: 1,
+            h: 2,
+            t: 96,
+            d,
+        };
+        let s = c.shape();
+        let qkv = random_bf16(&mut rng, s.b * s.t * s.qkv_width());
+        let mask = vec![true; s.b * s.t];
+        let mut out = vec![bf16::ZERO; s.b * s.t * s.out_width()];
+        let mut lse = vec![0.0f32; s.b * s.n_head * s.t];
+        for (name, kernel) in ATTN_KERNELS {
+            let start = Instant::now();
+            emu.attention_forward_with(kernel, &mut out, &mut lse, &qkv, &mask, s);
+            attention_row(name, c, start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+/// The CPU reference op (f32, rayon over sequences and heads) on shapes a CPU does in seconds.
+fn attention_on_cpu(repeats: usize) -> Result<()> {
+    println!("the CPU reference op (f32), not the kernels");
+    attention_header();
+    let mut rng = Rng::new(0xa77e);
+    for d in [64, 128] {
+        for t in [512, 1024] {
+            let c = AttnCase { b: 1, h: 16, t, d };
+            let s = c.shape();
+            let qkv: Vec<f32> = (0..s.b * s.t * s.qkv_width())
+                .map(|_| rng.normal() as f32)
+                .collect();
+            let mask = vec![true; s.b * s.t];
+            let mut out = vec![0.0f32; s.b * s.t * s.out_width()];
+            let mut lse = vec![0.0f32; s.b * s.n_head * s.t];
+            let secs = fastest(repeats, || {
+                Cpu.attention_forward(&mut out, &mut lse, &qkv, &mask, s);
+                Ok(())
+            })?;
+            attention_row("cpu", c, secs);
+        }
+    }
+    Ok(())
+}
+
+/// The GPU sweep ([`attention_gpu_cases`]), both kernels, bf16, every key visible. Each case
+/// holds 16k tokens, so one qkv buffer per head dim serves every T.
+fn attention_on_cuda(cuda: &Cuda, repeats: usize) -> Result<()> {
+    println!("{}", cuda.info());
+    attention_header();
+    let mut rng = Rng::new(0xa77e);
+    let cases = attention_gpu_cases();
+    for d in [64, 128] {
+        let of_d: Vec<AttnCase> = cases.iter().copied().filter(|c| c.d == d).collect();
+        let s = of_d[0].shape();
+        let qkv = cuda.upload_slice(&random_bf16(&mut rng, s.b * s.t * s.qkv_width()))?;
+        let mut out = cuda.alloc_zeros::<bf16>(s.b * s.t * s.out_width())?;
+        let mut lse = cuda.alloc_zeros::<f32>(s.b * s.n_head * s.t)?;
+        let p = AttnFwdPtrs {
+            qkv: qkv.view().ptr(),
+            out: out.view_mut().ptr(),
+            lse: lse.view_mut().ptr(),
+        };
+        for c in of_d {
+            let s = c.shape();
+            let mask = vec![true; s.b * s.t];
+            for (name, kernel) in ATTN_KERNELS {
+                let secs = fastest(repeats, || {
+                    // SAFETY: qkv, out and lse hold B·T·qkv_width, B·T·NH·HD and B·NH·T values
+                    // (B·T = 16k for every case of this head dim) and outlive the call, which
+                    // synchronises before returning.
+                    unsafe {
+                        ops::attention_forward_with(cuda, AttnDtype::Bf16, kernel, p, &mask, s)
+                    }?;
+                    cuda.synchronize_stream()?;
+                    Ok(())
+                })?;
+                attention_row(name, c, secs);
+            }
+        }
+    }
+    println!(
+        "TFLOP/s = 2*B*H*T^2*D / time (causal forward); FlashAttention-2's published forward: \
+         {FA2_A100_TFLOPS} TFLOP/s on an A100, {FA2_H100_TFLOPS} on an H100"
+    );
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod model_parity;
 pub mod optim;
 pub mod plot;
 pub mod reward;

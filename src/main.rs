@@ -64,6 +64,9 @@ enum BenchCmd {
     Grpo(rlhf::bench::GrpoBenchArgs),
     /// Each CUDA kernel against its CPU reference op, with its workspace (emulated without a GPU).
     Kernels(rlhf::validate::BenchKernelsArgs),
+    /// The fused causal attention forward alone (tensor-core and SIMT kernels) in TFLOP/s against
+    /// FlashAttention-2's published figures (emulated without a GPU).
+    Attention(rlhf::bench::AttentionArgs),
 }
 
 fn main() {
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             BenchCmd::Generate(args) => rlhf::bench::generate(&args),
             BenchCmd::Grpo(args) => rlhf::bench::grpo(&args),
             BenchCmd::Kernels(args) => rlhf::validate::bench_kernels(&args),
+            BenchCmd::Attention(args) => rlhf::bench::attention(&args),
         },
     }
 }

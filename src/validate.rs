@@ -600,6 +600,7 @@ fn run_op<B: LogprobOps>(be: &B, op: Op, d: &Data) -> Vec<f64> {
                 advantages: Advantages::PerToken(be.all(&adv)),
                 logp_ref: Some(be.all(&lr)),
                 entropy: Some(be.all(&ent)),
+                is_weight: None,
                 mask: be.all(&m),
                 rows,
             };
@@ -950,6 +951,10 @@ unsafe impl<L: Launcher> Launcher for Metered<L> {
         // SAFETY: forwarded from the caller.
         self.timed(|| unsafe { self.inner.launch(l) })
     }
+    unsafe fn gemm(&self, g: &crate::backend::emu::matmul::Gemm) -> Result<(), KernelError> {
+        // SAFETY: forwarded from the caller.
+        self.timed(|| unsafe { self.inner.gemm(g) })
+    }
 }
 
 // Each op goes through the shared drivers with the meter as the launcher, so the scratch they
@@ -1003,15 +1008,57 @@ fn select(device: DeviceChoice) -> anyhow::Result<Selected> {
 /// [`Op::io_bytes`] over that time.
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     match select(args.device)? {
-        Selected::Cpu => {
+        Selected::Cpu | Selected::Emu => {
             println!("{NOTICE}");
-            validate_on(&Metered::new(Emu::default()), args.quick)
+            let kernels = validate_on(&Metered::new(Emu::default()), args.quick);
+            let model = model_parity_on(&Emu::default());
+            kernels.and(model)
         }
         Selected::Cuda(cuda) => {
             println!("{}", cuda.info());
-            validate_on(&Metered::new(*cuda), args.quick)
+            let metered = Metered::new(*cuda);
+            let kernels = validate_on(&metered, args.quick);
+            let model = model_parity_on(metered.inner());
+            kernels.and(model)
         }
     }
+}
+
+/// The whole model on the kernels against the CPU ([`crate::model_parity`]): one training step
+/// and the log-probs of generated tokens, for a tiny model of each family with random weights.
+fn model_parity_on<B: crate::backend::DecodeOps>(be: &B) -> anyhow::Result<()> {
+    use crate::model_parity::{failures, logprobs, training_step, Weights};
+    println!(
+        "\nwhole model vs CPU (bf16 GEMMs): loss, gradient and AdamW update of one step; \
+         teacher-forced log-probs; sampling (decode) vs training (full-sequence) log-prob gap"
+    );
+    println!(
+        "{:<11} {:>9} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}  result",
+        "model", "loss", "dloss", "grad relL2", "step relL2", "logp relL2", "gap mean", "gap max"
+    );
+    let mut failed = Vec::new();
+    for name in ["llama-tiny", "gpt2-tiny"] {
+        let w = Weights::builtin(name, 97, 5)?;
+        let s = training_step(be, &w, 11)?;
+        let l = logprobs(be, &w, 8, 13)?;
+        let bad = failures(&s, &l);
+        println!(
+            "{:<11} {:>9.4} {:>9.2e} {:>11.2e} {:>11.2e} {:>11.2e} {:>9.2e} {:>9.2e}  {}",
+            name,
+            s.loss.0,
+            (s.loss.1 - s.loss.0).abs(),
+            s.grads.rel_l2,
+            s.update.rel_l2,
+            l.teacher_forced.rel_l2,
+            l.gap_mean,
+            l.gap_max,
+            if bad.is_empty() { "PASS" } else { "FAIL" }
+        );
+        failed.extend(bad.into_iter().map(|b| format!("{name}: {b}")));
+    }
+    anyhow::ensure!(failed.is_empty(), "whole model over tolerance: {}", failed.join("; "));
+    println!("whole model within tolerance");
+    Ok(())
 }
 
 fn validate_on<L: Launcher>(metered: &Metered<L>, quick: bool) -> anyhow::Result<()>
@@ -1067,7 +1114,7 @@ where
 pub fn bench_kernels(args: &BenchKernelsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     match select(args.device)? {
-        Selected::Cpu => {
+        Selected::Cpu | Selected::Emu => {
             println!("{NOTICE}");
             println!(
                 "emulated times say nothing about GPU speed; the log-prob bandwidth target (>= 80% \

@@ -25,6 +25,14 @@
 //!   (7 stored mantissa bits). rel = [`REL_BF16`] = 2^-7, since the f32 difference can move a
 //!   value across a rounding boundary (the worst seen is half of it). lse stays f32 and is checked
 //!   as in the f32 case.
+//! - The tensor-core forward (bf16, head dims 64 and 128) rounds the probabilities P to bf16
+//!   before P·V, as FlashAttention-2 does, while its normaliser sums them unrounded in f32: each
+//!   weight is off by at most 2^-9 relative, which moves an output by at most 2^-9·max|v|.
+//!   Outputs near 0 (averages of values of both signs) have no relative slack for that, so its
+//!   out is checked at abs = [`TC_ABS`]·max|v| = 2^-8·max|v| (twice the bound: the f32 order of
+//!   the mma sums adds a little) and rel = [`REL_BF16`]; a wrong mask or tile bound is off by 0.1
+//!   or more. Its scores are f32 sums of exact bf16 products, so its lse is checked as the SIMT
+//!   kernel's.
 //! - The lse marker of a query that sees no key (f32::MAX, the CPU's `LSE_NO_KEY`) must match
 //!   exactly, and must appear exactly where the mask leaves a query no key.
 
@@ -33,12 +41,19 @@ mod common;
 use common::{check_close, Rng, RngVec};
 use half::bf16;
 use rlhf::backend::cpu::Cpu;
-use rlhf::backend::emu::plan::AttnType;
-use rlhf::backend::emu::Emu;
+use rlhf::backend::emu::plan::{
+    self, Arg, AttnDtype, AttnKernel, AttnType, DevPtr, Kernel, Launch,
+};
+use rlhf::backend::emu::{Emu, Launcher};
 use rlhf::backend::{AttnShape, DecodeOps, ModelOps};
 
 const TOL_F32: f64 = 1e-5;
 const REL_BF16: f64 = 1.0 / 128.0;
+/// Absolute error of the tensor-core forward's out, in units of max|v| (see the module docs).
+const TC_ABS: f64 = 1.0 / 256.0;
+/// Absolute error of the tensor-core backward's gradients, in units of the gradient's largest
+/// magnitude (see the module docs).
+const TC_GRAD_ABS: f64 = 1.0 / 256.0;
 /// The lse of a query that sees no key.
 const LSE_NO_KEY: f32 = f32::MAX;
 /// Standard deviation of the random inputs.
@@ -240,7 +255,9 @@ fn forward_case<E: Act>(c: &Case, seed: u64) {
     let (want_out, want_lse) = cpu_forward(&qkv_f, &mask, s);
     let mut out = vec![E::default(); want_out.len()];
     let mut lse = vec![0.0; want_lse.len()];
-    Emu::default().attention_forward(&mut out, &mut lse, &qkv, &mask, s);
+    // The SIMT kernel, forced: for bf16 at head dims 64 and 128 the default is the tensor-core
+    // one, tested below with its own tolerance.
+    Emu::default().attention_forward_with(AttnKernel::Simt, &mut out, &mut lse, &qkv, &mask, s);
     check_rel(&format!("{what}: out"), &widen(&out), &want_out, E::REL);
     check_lse(&format!("{what}: lse"), &lse, &want_lse, &mask, s);
 }
@@ -272,7 +289,9 @@ fn backward_case<E: Act>(c: &Case, seed: u64) {
     let mut want = init_f;
     Cpu.attention_backward(&mut want, &dout_f, &qkv_f, &out_f, &lse, &mask, s);
     let mut got = init;
-    Emu::default().attention_backward(&mut got, &dout, &qkv, &out, &lse, &mask, s);
+    // The SIMT kernels, forced (see forward_case).
+    let emu = Emu::default();
+    emu.attention_backward_with(AttnKernel::Simt, &mut got, &dout, &qkv, &out, &lse, &mask, s);
 
     let got = sections(&widen(&got), s);
     for ((name, g), w) in ["dq", "dk", "dv"].iter().zip(&got).zip(&sections(&want, s)) {
@@ -475,4 +494,278 @@ fn rejects_head_dims_beyond_the_kernels() {
     let qkv = vec![0.0f32; 2 * s.qkv_width()];
     let (mut out, mut lse) = (vec![0.0f32; 2 * s.out_width()], vec![0.0; 2]);
     Emu::default().attention_forward(&mut out, &mut lse, &qkv, &[true, true], s);
+}
+
+// ------------------------------------------------------------------------------------------------
+// the tensor-core forward (attn_fwd_tc_bf16) and the shim's wmma
+// ------------------------------------------------------------------------------------------------
+
+/// Shapes of the tensor-core forward (blocks of 64 query rows, 16 per warp; key tiles of 32 at
+/// head dim 64, of 16 at 128).
+const TC_CASES: &[Case] = &[
+    // A single token, GQA ratio 1.
+    Case {
+        t: 1,
+        nh: 2,
+        kvh: 2,
+        hd: 64,
+        pads: &[Pad::None],
+    },
+    // GQA ratio 4; T = 70: two query blocks (the second of 6 rows: one warp partly used, three
+    // idle) and three key tiles, the last of 6 keys. Left padding (rows that see no key), holes,
+    // and a sequence with every key masked.
+    Case {
+        t: 70,
+        nh: 4,
+        kvh: 1,
+        hd: 64,
+        pads: &[Pad::Left(7), Pad::Holes, Pad::All],
+    },
+    // Head dim 128, GQA ratio 1, right and left padding; T = 45, not a multiple of 16.
+    Case {
+        t: 45,
+        nh: 2,
+        kvh: 2,
+        hd: 128,
+        pads: &[Pad::Right(40), Pad::Left(3)],
+    },
+    // Head dim 128, GQA ratio 4, holes; T = 131: three query blocks, the last of 3 rows.
+    Case {
+        t: 131,
+        nh: 4,
+        kvh: 1,
+        hd: 128,
+        pads: &[Pad::Holes],
+    },
+];
+
+/// Runs the tensor-core forward of `c` on `emu` and checks it against the CPU's (tolerances in
+/// the module docs); returns out and lse.
+fn tc_forward_case(c: &Case, seed: u64, emu: Emu) -> (Vec<f32>, Vec<f32>) {
+    let s = c.shape();
+    assert!(AttnKernel::Auto.uses_tensor_cores(AttnDtype::Bf16, s.head_dim));
+    let what = format!("tensor cores: {s:?}");
+    let mut rng = Rng::new(seed);
+    let (qkv, qkv_f) = random::<bf16>(&mut rng, s.b * s.t * s.qkv_width());
+    let mask = c.mask(&mut rng);
+    let (want_out, want_lse) = cpu_forward(&qkv_f, &mask, s);
+    let mut out = vec![bf16::ZERO; want_out.len()];
+    let mut lse = vec![0.0; want_lse.len()];
+    emu.attention_forward_with(AttnKernel::Auto, &mut out, &mut lse, &qkv, &mask, s);
+    let v_max = sections(&qkv_f, s)[2]
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+    let want: Vec<f64> = want_out.iter().map(|&v| v as f64).collect();
+    let out = widen(&out);
+    check_close(
+        &format!("{what}: out"),
+        &out,
+        &want,
+        TC_ABS * v_max,
+        REL_BF16,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    check_lse(&format!("{what}: lse"), &lse, &want_lse, &mask, s);
+    (out, lse)
+}
+
+/// The tensor-core backward of `c` on `emu` against the CPU's, from the same (bf16-rounded)
+/// forward results; returns dqkv.
+fn tc_backward_case(c: &Case, seed: u64, emu: Emu) -> Vec<f32> {
+    let s = c.shape();
+    let what = format!("tensor cores: {s:?}");
+    let mut rng = Rng::new(seed);
+    let (qkv, qkv_f) = random::<bf16>(&mut rng, s.b * s.t * s.qkv_width());
+    let mask = c.mask(&mut rng);
+    let (out_f, lse) = cpu_forward(&qkv_f, &mask, s);
+    let (out, out_f) = rounded::<bf16>(&out_f);
+    let (dout, dout_f) = random::<bf16>(&mut rng, out.len());
+    let (init, init_f) = random::<bf16>(&mut rng, qkv.len());
+    let mut want = init_f;
+    Cpu.attention_backward(&mut want, &dout_f, &qkv_f, &out_f, &lse, &mask, s);
+    let mut got = init;
+    emu.attention_backward_with(AttnKernel::Auto, &mut got, &dout, &qkv, &out, &lse, &mask, s);
+    let got = widen(&got);
+    let parts = sections(&got, s);
+    for ((name, g), w) in ["dq", "dk", "dv"].iter().zip(&parts).zip(&sections(&want, s)) {
+        let scale = w.iter().fold(1.0f64, |m, &v| m.max(v.abs() as f64));
+        let w: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        check_close(&format!("{what}: {name}"), g, &w, TC_GRAD_ABS * scale, REL_BF16)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    got
+}
+
+#[test]
+fn tensor_core_backward_matches_cpu() {
+    for (i, c) in TC_CASES.iter().enumerate() {
+        tc_backward_case(c, 800 + i as u64, Emu::default());
+    }
+}
+
+/// No atomics, one owner block per gradient row: the same bits whatever the thread order.
+#[test]
+fn tensor_core_backward_does_not_depend_on_thread_order() {
+    let c = &TC_CASES[1];
+    let first = tc_backward_case(c, 820, Emu::with_seed(1));
+    for seed in [2, 0xdead_beef] {
+        let other = tc_backward_case(c, 820, Emu::with_seed(seed));
+        assert_eq!(bits(&first), bits(&other), "dqkv, seed {seed}");
+    }
+}
+
+#[test]
+fn tensor_core_forward_matches_cpu() {
+    for (i, c) in TC_CASES.iter().enumerate() {
+        tc_forward_case(c, 700 + i as u64, Emu::default());
+    }
+}
+
+/// The default bf16 forward at head dim 64 is not the SIMT kernel: its bits differ (it rounds P),
+/// and forcing the SIMT kernel gives the SIMT kernel's.
+#[test]
+fn tensor_core_forward_is_the_default_for_bf16() {
+    let c = &TC_CASES[1];
+    let s = c.shape();
+    let (tc, _) = tc_forward_case(c, 710, Emu::default());
+    let mut rng = Rng::new(710);
+    let (qkv, _) = random::<bf16>(&mut rng, s.b * s.t * s.qkv_width());
+    let mask = c.mask(&mut rng);
+    let mut out = vec![bf16::ZERO; tc.len()];
+    let mut lse = vec![0.0; s.b * s.n_head * s.t];
+    Emu::default().attention_forward_with(AttnKernel::Simt, &mut out, &mut lse, &qkv, &mask, s);
+    assert_ne!(bits(&tc), bits(&widen(&out)));
+    assert!(!AttnKernel::Simt.uses_tensor_cores(AttnDtype::Bf16, 64));
+    assert!(!AttnKernel::Auto.uses_tensor_cores(AttnDtype::F32, 64));
+    assert!(!AttnKernel::Auto.uses_tensor_cores(AttnDtype::Bf16, 96));
+}
+
+/// Fixed-order sums and no atomics: the same bits whatever order the shim resumes threads in.
+#[test]
+fn tensor_core_forward_does_not_depend_on_thread_order() {
+    let c = &TC_CASES[3];
+    let first = tc_forward_case(c, 720, Emu::with_seed(1));
+    for seed in [2, 0xdead_beef] {
+        let other = tc_forward_case(c, 720, Emu::with_seed(seed));
+        assert_eq!(bits(&first.0), bits(&other.0), "out, seed {seed}");
+        assert_eq!(bits(&first.1), bits(&other.1), "lse, seed {seed}");
+    }
+}
+
+/// The forward's barriers, where the shim can show them: without the second, a warp zeroes its
+/// O rows (which hold another warp's staged Q) while that warp still loads them; without the
+/// fourth (the first tile's), the next tile overwrites K and V while slow warps read them. The
+/// first and third (a block-wide copy, then wmma loads of it) matter as much on a GPU, but the
+/// shim cannot expose their loss: threads released by a barrier all run to their next one before
+/// any is resumed again, so every thread's copy is done before any warp's load starts.
+#[test]
+fn tensor_core_forward_needs_its_barriers() {
+    let c = &TC_CASES[1];
+    let s = c.shape();
+    let mut rng = Rng::new(730);
+    let (qkv, _) = random::<bf16>(&mut rng, s.b * s.t * s.qkv_width());
+    let mask = c.mask(&mut rng);
+    let run = |emu: Emu| {
+        let mut out = vec![bf16::ZERO; s.b * s.t * s.out_width()];
+        let mut lse = vec![0.0; s.b * s.n_head * s.t];
+        emu.attention_forward_with(AttnKernel::Auto, &mut out, &mut lse, &qkv, &mask, s);
+        (bits(&widen(&out)), bits(&lse))
+    };
+    let good = run(Emu::default());
+    for k in [2, 4] {
+        let raced = run(Emu::default().with_dropped_sync(k));
+        assert!(
+            raced != good,
+            "removing __syncthreads #{k} of the tensor-core forward went unnoticed"
+        );
+    }
+}
+
+/// A self-test kernel of `kernels/emu/selftest.cu`, one warp.
+fn selftest(name: &'static str, shared_floats: u32, args: Vec<Arg>) -> Launch {
+    Launch {
+        kernel: Kernel {
+            file: "emu/selftest.cu",
+            name,
+        },
+        grid: [1, 1, 1],
+        block: [32, 1, 1],
+        shared_bytes: shared_floats * 4,
+        args,
+    }
+}
+
+fn arg<T>(x: &mut [T]) -> Arg {
+    Arg::Ptr(DevPtr(x.as_mut_ptr() as u64))
+}
+
+/// The shim's `mma_sync` with every load and store layout: D = A·B + C exactly as f32 fused
+/// multiply-adds over k = 0..15 give it (bf16 products are exact in f32), so bit for bit.
+#[test]
+fn wmma_shim_multiplies_in_every_layout() {
+    let mut rng = Rng::new(740);
+    let (mut a, a_f) = random::<bf16>(&mut rng, 256);
+    let (mut b, b_f) = random::<bf16>(&mut rng, 256); // column-major: b[n·16 + k] = B[k][n]
+    let mut c = rng.vec_normal(256, STD); // column-major: c[n·16 + m] = C[m][n]
+    let mut d = vec![0.0f32; 256];
+    let l = selftest(
+        "selftest_wmma_mma_bf16",
+        768,
+        vec![arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut d)],
+    );
+    // SAFETY: the kernel reads 256 values of a, b and c and writes 256 of d.
+    unsafe { Emu::default().launch(&l) }.unwrap();
+    for m in 0..16 {
+        for n in 0..16 {
+            let want = (0..16).fold(c[n * 16 + m], |acc, k| {
+                a_f[m * 16 + k].mul_add(b_f[n * 16 + k], acc)
+            });
+            assert_eq!(d[m * 16 + n].to_bits(), want.to_bits(), "D[{m}][{n}]");
+        }
+    }
+}
+
+/// The shim's fragment layout is not the hardware's, so a kernel that picks fragment elements by
+/// index gets a wrong answer in tests: `selftest_wmma_x0_f32` doubles x[0] only, written for a
+/// GPU where lane l's x[0] is element (l / 4, 2·(l % 4)) (the layout PTX documents for the
+/// accumulator of mma.m16n8k16, which wmma's 16x16 tiles use on sm_80), meaning to double those
+/// 32 elements. Under the shim every lane holds the whole tile, scrambled, so one element doubles
+/// instead.
+#[test]
+fn wmma_shim_layout_breaks_kernels_that_assume_the_hardware_one() {
+    let mut x: Vec<f32> = (0..256).map(|i| 1.0 + i as f32).collect();
+    let mut out = vec![0.0f32; 256];
+    let l = selftest(
+        "selftest_wmma_x0_f32",
+        256,
+        vec![arg(&mut x), arg(&mut out)],
+    );
+    // SAFETY: the kernel reads 256 values of x and writes 256 of out.
+    unsafe { Emu::default().launch(&l) }.unwrap();
+    let mut intended = x.clone();
+    for lane in 0..32 {
+        intended[(lane / 4) * 16 + 2 * (lane % 4)] *= 2.0;
+    }
+    let doubled: Vec<usize> = (0..256).filter(|&e| out[e] != x[e]).collect();
+    assert_eq!(doubled.len(), 1, "one element doubled: {doubled:?}");
+    assert_eq!(out[doubled[0]], 2.0 * x[doubled[0]]);
+    assert_ne!(out, intended, "the shim matched the hardware layout");
+}
+
+#[test]
+#[should_panic(expected = "head_dim 96 is not one of [64, 128]")]
+fn tensor_core_plan_rejects_other_head_dims() {
+    let s = AttnShape {
+        b: 1,
+        t: 2,
+        n_head: 1,
+        n_kv_head: 1,
+        head_dim: 96,
+    };
+    let p = plan::AttnFwdPtrs {
+        qkv: DevPtr::NULL,
+        out: DevPtr::NULL,
+        lse: DevPtr::NULL,
+    };
+    plan::attn_fwd_tc(p, DevPtr::NULL, s);
 }

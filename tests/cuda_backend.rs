@@ -300,6 +300,7 @@ fn args_pack_into_eight_byte_slots_in_parameter_order() {
         dlogp: DevPtr(0x6000),
         dentropy: DevPtr::NULL,
         partials: DevPtr(0x7000),
+        is_weight: DevPtr::NULL,
     };
     let cfg = PolicyLossCfg {
         clip_low: 0.2,
@@ -311,7 +312,7 @@ fn args_pack_into_eight_byte_slots_in_parameter_order() {
     };
     let l = plan::policy_loss(p, Rows { b: 3, t: 5 }, &cfg, 0.5);
     let slots = l.param_slots();
-    assert_eq!(slots.len(), 23);
+    assert_eq!(slots.len(), 24);
     assert_eq!(&slots[..4], &[0x1000, 0x2000, 0x3000, 1]);
     assert_eq!(&slots[8..10], &[3, 5], "B and T");
     assert_eq!(slots[10], 0.8f32.to_bits() as u64, "clip_lo = 1 - 0.2");

@@ -1,9 +1,11 @@
 //! The GRPO trainer end to end on the CPU backend: it raises the reward of a small rule task
 //! (and learning rate 0 does not), its first step on a fresh rollout is exactly on-policy, an
 //! interrupted run resumes bit-exactly, S-GRPO's supervised term is a real SFT gradient, the
-//! other estimators and aggregations run, and bad input gets clear errors.
+//! other estimators and aggregations run, the truncated importance-sampling correction logs a
+//! sampling/training log-prob gap of float rounding and caps perturbed ratios, and bad input
+//! gets clear errors.
 
-use rlhf::algo::grpo::{self, GrpoArgs};
+use rlhf::algo::grpo::{self, is_correction_cap, GrpoArgs, SamplingCorrection};
 use rlhf::algo::sft::{self, SftArgs};
 use rlhf::backend::cpu::Cpu;
 use rlhf::backend::Backend;
@@ -656,4 +658,115 @@ fn bad_inputs_are_clear_errors() {
     };
     let e = grpo::run(&a).unwrap_err().to_string();
     assert!(e.contains("different tokenizers"), "{e}");
+}
+
+/// `--is-correction-cap 2` on the CPU: the training forward's π_old and the decode path's
+/// sampling log-probs agree to float rounding (`tests/rollout.rs` bounds the gap by 1e-5 per
+/// token), so the logged gap stays below 1e-4, every weight is within 1e-4 of 1 and none is
+/// capped; the first step on each rollout is still on-policy (approx-KL as in
+/// [`first_step_on_a_rollout_is_on_policy`]). Dynamic sampling and two micro-batches re-lay the
+/// weights twice: were they misaligned with their tokens, completion tokens would get the 0 of
+/// the prompt positions, and the first step's gradient would differ from the run without the
+/// flag by far more than the 1e-3 (relative) allowed for weights and ratios within 1e-4 of 1.
+#[test]
+fn importance_sampling_correction_logs_a_float_rounding_gap() {
+    use clap::{Args, FromArgMatches};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("prompts.jsonl");
+    write_prompts(&data, &task_pairs(PROMPTS));
+    let out = dir.path().join("run");
+    let cmd = GrpoArgs::augment_args(clap::Command::new("grpo").no_binary_name(true));
+    let flags =
+        GrpoArgs::from_arg_matches(&cmd.get_matches_from(["--is-correction-cap", "2"])).unwrap();
+    assert_eq!(flags.is_correction_cap, Some(2.0));
+    let a = GrpoArgs {
+        steps: Some(4),
+        num_iterations: 2,
+        grad_accum: 2,
+        dynamic_sampling: true,
+        is_correction_cap: flags.is_correction_cap,
+        ..args(sft_model(), &data, &out)
+    };
+    let s = grpo::train(&Cpu, &a, &mut Reversal).unwrap();
+    assert_eq!((s.steps, s.skipped_steps), (4, 0));
+    let m = metrics(&out);
+    for (step, v) in m.iter().enumerate() {
+        let get = |k: &str| {
+            v[k].as_f64()
+                .unwrap_or_else(|| panic!("step {step}: no {k}"))
+        };
+        let (gap, gap_max) = (get("sampling_logp_gap_mean"), get("sampling_logp_gap_max"));
+        assert!(
+            gap <= gap_max && gap_max < 1e-4,
+            "step {step}: gap {gap}, max {gap_max}"
+        );
+        let w = get("is_weight_mean");
+        assert!((w - 1.0).abs() < 1e-4, "step {step}: mean weight {w}");
+        assert_eq!(get("is_capped_frac"), 0.0, "step {step}");
+        assert!(get("loss").is_finite());
+    }
+    for step in [0, 2] {
+        let approx = m[step]["policy/approxkl"].as_f64().unwrap();
+        assert!(approx <= 0.5e-10, "step {}: approx-KL {approx}", step + 1);
+    }
+    // The same run without the flag: no training forward's π_old, so no gap to log.
+    let plain = dir.path().join("plain");
+    let b = GrpoArgs {
+        is_correction_cap: None,
+        out: Some(plain.clone()),
+        ..a
+    };
+    grpo::train(&Cpu, &b, &mut Reversal).unwrap();
+    let p = metrics(&plain);
+    assert!(p[0].get("sampling_logp_gap_mean").is_none());
+    let norm = |v: &Value| v["grad_norm"].as_f64().unwrap();
+    let (with, without) = (norm(&m[0]), norm(&p[0]));
+    assert!(
+        without > 0.0 && (with - without).abs() <= 1e-3 * without,
+        "first step's gradient norm {with} with the correction, {without} without"
+    );
+}
+
+/// The weights on hand-made log-probs: a sampler that under-rates a token by ln 3 gives a
+/// ratio of 3, truncated to the cap of 2; one that over-rates it keeps its ratio below 1 (the
+/// truncation is one-sided, as TRL's `clamp(max=cap)`); masked tokens count nowhere, however
+/// far apart; and the flag's 0 means off.
+#[test]
+fn truncated_importance_weights_cap_perturbed_ratios() {
+    let train = [-1.0f32, -2.0, -0.5, -3.0, -0.25, 0.0];
+    let mut sampling = train;
+    sampling[1] -= 3f32.ln(); // ratio 3: capped
+    sampling[2] += 0.5; // ratio e^-0.5
+    sampling[4] = -40.0; // masked: ignored
+    let mask = [1.0f32, 1.0, 1.0, 1.0, 0.0, 0.0];
+    let c = SamplingCorrection::new(&train, &sampling, &mask, 2.0);
+    let r2 = (-0.5f64).exp();
+    let want_w = [1.0, 2.0, r2, 1.0, 0.0, 0.0];
+    for (i, (&got, &want)) in c.weights.iter().zip(&want_w).enumerate() {
+        assert!(
+            (got as f64 - want).abs() < 1e-6,
+            "w[{i}] = {got}, want {want}"
+        );
+    }
+    // The gaps are f32 differences widened, so they carry f32 rounding (≤ 1e-7 here).
+    let ln3 = (train[1] as f64 - sampling[1] as f64).abs();
+    assert!((ln3 - 3f64.ln()).abs() < 1e-6);
+    assert!((c.gap_mean - (ln3 + 0.5) / 4.0).abs() < 1e-6, "{c:?}");
+    assert!((c.gap_max - ln3).abs() < 1e-12, "{c:?}");
+    assert!((c.weight_mean - (4.0 + r2) / 4.0).abs() < 1e-6, "{c:?}");
+    assert_eq!(c.capped_frac, 0.25);
+    // Without the perturbation every weight is 1 and nothing is capped.
+    let same = SamplingCorrection::new(&train, &train, &mask, 2.0);
+    assert_eq!(
+        (same.gap_max, same.weight_mean, same.capped_frac),
+        (0.0, 1.0, 0.0)
+    );
+
+    assert_eq!(is_correction_cap(None).unwrap(), None);
+    assert_eq!(is_correction_cap(Some(0.0)).unwrap(), None);
+    assert_eq!(is_correction_cap(Some(2.0)).unwrap(), Some(2.0));
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        let e = is_correction_cap(Some(bad)).unwrap_err().to_string();
+        assert!(e.contains("--is-correction-cap"), "{e}");
+    }
 }

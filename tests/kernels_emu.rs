@@ -592,6 +592,7 @@ struct PolicyData<'a> {
     adv_per_seq: bool,
     logp_ref: Option<&'a [f32]>,
     entropy: Option<&'a [f32]>,
+    is_weight: Option<&'a [f32]>,
     mask: &'a [f32],
     rows: Rows,
 }
@@ -620,6 +621,7 @@ fn run_policy<B: LossOps>(
     );
     let lref = d.logp_ref.map(|x| be.upload(x));
     let ent = d.entropy.map(|x| be.upload(x));
+    let iw = d.is_weight.map(|x| be.upload(x));
     let n = d.rows.n();
     let mut per_token = be.upload(&vec![f32::NAN; n]);
     let mut dlogp = be.upload(grad_init);
@@ -634,6 +636,7 @@ fn run_policy<B: LossOps>(
         },
         logp_ref: lref.as_ref().map(|b| be.all(b)),
         entropy: ent.as_ref().map(|b| be.all(b)),
+        is_weight: iw.as_ref().map(|b| be.all(b)),
         mask: be.all(&mask),
         rows: d.rows,
     };
@@ -1052,6 +1055,7 @@ fn fixture_ppo<B: LossOps>(be: &B) {
         adv_per_seq: false,
         logp_ref: None,
         entropy: None,
+        is_weight: None,
         mask,
         rows: fx.rows("ppo.mask"),
     };
@@ -1177,6 +1181,7 @@ fn fixture_grpo_loss<B: LogprobOps>(be: &B) {
         adv_per_seq: true,
         logp_ref: Some(fx.f32("grpo_loss.logp_ref")),
         entropy: None,
+        is_weight: None,
         mask,
         rows,
     };
@@ -1322,6 +1327,7 @@ fn fixture_dual_clip<B: LossOps>(be: &B) {
         adv_per_seq: false,
         logp_ref: None,
         entropy: None,
+        is_weight: None,
         mask,
         rows: fx.rows("dual.mask"),
     };
@@ -1356,6 +1362,7 @@ fn fixture_entropy_bonus<B: LogprobOps>(be: &B) {
         adv_per_seq: false,
         logp_ref: None,
         entropy: Some(&lp.entropy),
+        is_weight: None,
         mask: fx.f32("ent.mask"),
         rows: fx.rows("ent.mask"),
     };
@@ -1483,6 +1490,14 @@ fn matches_cpu_policy_and_kl<B: LossOps>(be: &B) {
         let adv_tok = batch.nan_pads(rng.vec_normal(n, 1.0));
         let adv_seq = rng.vec_normal(b, 1.0);
         let init = rng.vec_normal(n, 0.1);
+        // Truncated importance weights as a cap of 2 leaves them: below 1, above, and at the
+        // cap itself.
+        let iw = batch.nan_pads(
+            rng.vec_uniform(n, 0.0, 3.0)
+                .iter()
+                .map(|&w| w.min(2.0))
+                .collect(),
+        );
         let aggs = [
             Aggregation::Grpo,
             Aggregation::Bnpo,
@@ -1502,6 +1517,7 @@ fn matches_cpu_policy_and_kl<B: LossOps>(be: &B) {
                 adv_per_seq: per_seq,
                 logp_ref: Some(&lref),
                 entropy: Some(&ent),
+                is_weight: Some(&iw),
                 mask: &batch.mask,
                 rows: batch.rows,
             };
@@ -1521,6 +1537,7 @@ fn matches_cpu_policy_and_kl<B: LossOps>(be: &B) {
             let plain = PolicyData {
                 logp_ref: None,
                 entropy: None,
+                is_weight: None,
                 ..d
             };
             let cfg = ppo_cfg(agg);
@@ -2218,6 +2235,7 @@ fn shim_results_do_not_depend_on_thread_order() {
         adv_per_seq: false,
         logp_ref: Some(&old),
         entropy: None,
+        is_weight: None,
         mask: &batch.mask,
         rows: batch.rows,
     };

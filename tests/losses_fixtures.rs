@@ -376,6 +376,7 @@ fn ppo_policy_loss() {
             advantages: Advantages::PerToken(adv),
             logp_ref: None,
             entropy: None,
+            is_weight: None,
             mask,
             rows,
         };
@@ -547,6 +548,7 @@ fn grpo_loss_all_types() {
             advantages: Advantages::PerSequence(adv),
             logp_ref: Some(lref),
             entropy: None,
+            is_weight: None,
             mask,
             rows,
         };
@@ -911,6 +913,7 @@ fn dual_clip_policy_loss() {
                 advantages: Advantages::PerToken(adv),
                 logp_ref: None,
                 entropy: None,
+                is_weight: None,
                 mask,
                 rows,
             };
@@ -968,6 +971,7 @@ fn entropy_bonus() {
             advantages: Advantages::PerToken(adv),
             logp_ref: None,
             entropy: Some(entropy),
+            is_weight: None,
             mask,
             rows,
         };
@@ -1046,6 +1050,7 @@ fn all_masked_row_contributes_zero() {
             advantages: Advantages::PerToken(adv),
             logp_ref: Some(&lref),
             entropy: Some(&ent),
+            is_weight: None,
             mask: &mask,
             rows,
         };
@@ -1071,6 +1076,7 @@ fn all_masked_row_contributes_zero() {
             advantages: Advantages::PerToken(&adv[..n_keep]),
             logp_ref: Some(&lref[..n_keep]),
             entropy: Some(&ent[..n_keep]),
+            is_weight: None,
             mask: &mask[..n_keep],
             rows: kept,
         };
@@ -1127,6 +1133,7 @@ fn all_masked_row_contributes_zero() {
             advantages: Advantages::PerToken(adv),
             logp_ref: None,
             entropy: None,
+            is_weight: None,
             mask: &none,
             rows,
         };
@@ -1163,6 +1170,7 @@ fn dapo_accumulates_across_micro_batches() {
             advantages: Advantages::PerSequence(&adv[r.clone()]),
             logp_ref: Some(&lref[tok.clone()]),
             entropy: None,
+            is_weight: None,
             mask: &mask[tok],
             rows: Rows {
                 b: r.len(),
@@ -1204,6 +1212,7 @@ fn gradients_accumulate_and_scale() {
         advantages: Advantages::PerToken(fx.f32("ppo.advantages")),
         logp_ref: Some(fx.f32("kl.ref_logp")),
         entropy: None,
+        is_weight: None,
         mask: fx.f32("ppo.mask"),
         rows,
     };
@@ -1235,4 +1244,127 @@ fn gradients_accumulate_and_scale() {
     let (s3, g3) = grad(1.0, 0.0);
     assert_eq!(s1, s3);
     assert_eq!(g1, g3);
+}
+
+/// TRL's GRPO per-token loss with `vllm_importance_sampling_correction`, in f64 from the same
+/// f32 inputs: `-min(r·A, clip(r)·A) · w + β·k3`, aggregated as `grpo` (each row's masked mean,
+/// then the mean over rows) with the mask's token counts. Returns the per-token losses (0 on
+/// pads) and the loss.
+#[allow(clippy::too_many_arguments)]
+fn trl_weighted_grpo(
+    logp: &[f32],
+    old: &[f32],
+    adv: &[f32],
+    lref: &[f32],
+    w: &[f32],
+    mask: &[f32],
+    rows: Rows,
+    cfg: &PolicyLossCfg,
+) -> (Vec<f64>, f64) {
+    let (lo, hi) = (1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64);
+    let mut per_token = vec![0.0; rows.n()];
+    let mut loss = 0.0;
+    assert_eq!(adv.len(), rows.b, "one advantage per row");
+    for (b, &a) in adv.iter().enumerate() {
+        let (mut sum, mut count) = (0.0, 0.0);
+        let a = a as f64;
+        for t in 0..rows.t {
+            let i = b * rows.t + t;
+            if mask[i] == 0.0 {
+                continue;
+            }
+            let r = (logp[i] as f64 - old[i] as f64).exp();
+            let surrogate = -(r * a).min(r.clamp(lo, hi) * a);
+            let x = lref[i] as f64 - logp[i] as f64;
+            let k3 = x.exp() - x - 1.0;
+            per_token[i] = surrogate * w[i] as f64 + cfg.kl_coef as f64 * k3;
+            sum += per_token[i];
+            count += 1.0;
+        }
+        loss += sum / f64::max(count, 1.0) / rows.b as f64;
+    }
+    (per_token, loss)
+}
+
+/// Truncated importance-sampling weights scale each token's clipped surrogate and its gradient,
+/// not the KL term, and leave the denominators to the mask (TRL's
+/// `per_token_loss * importance_sampling_ratio` before `+ beta * per_token_kl`): hand-made
+/// numbers against [`trl_weighted_grpo`], the gradient against finite differences. The tokens
+/// include a clipped one (row 0, r ≈ 1.65 > 1.28 with A > 0), a weight of 0, weights below and
+/// above 1, the cap itself, and a NaN pad.
+#[test]
+fn importance_weighted_policy_loss() {
+    let rows = Rows { b: 2, t: 4 };
+    // The pad's log-prob is finite garbage (the finite differences step it); its other inputs
+    // are NaN.
+    let logp = [-1.0, -0.5, -2.0, -0.7, -0.3, -1.2, -0.4, 5.0];
+    let old = [-1.1, -0.2, -2.5, -0.7, -0.9, -1.0, -0.45, f32::NAN];
+    let lref = [-0.9, -0.6, -1.8, -0.8, -0.5, -1.1, -0.3, f32::NAN];
+    let w = [1.0, 0.5, 2.0, 0.0, 1.3, 0.8, 2.0, f32::NAN];
+    let mask = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0];
+    let adv = [0.7, -1.3];
+    let cfg = PolicyLossCfg {
+        clip_low: 0.2,
+        clip_high: 0.28,
+        dual_clip: None,
+        kl_coef: 0.04,
+        entropy_coef: 0.0,
+        agg: Aggregation::Grpo,
+    };
+    let run = |logp: &[f32],
+               w: Option<&[f32]>,
+               per_token: Option<&mut [f32]>,
+               grad: Option<PolicyLossGrad<'_, Cpu>>| {
+        let x = PolicyLossInputs::<Cpu> {
+            logp,
+            logp_old: &old,
+            advantages: Advantages::PerSequence(&adv[..]),
+            logp_ref: Some(&lref),
+            entropy: None,
+            is_weight: w,
+            mask: &mask,
+            rows,
+        };
+        Cpu.policy_loss(&x, &cfg, per_token, grad)
+    };
+    let mut per_token = vec![f32::NAN; rows.n()];
+    let mut dlogp = vec![0.0f32; rows.n()];
+    let s = run(
+        &logp,
+        Some(&w),
+        Some(&mut per_token),
+        Some(PolicyLossGrad {
+            dlogp: &mut dlogp,
+            dentropy: None,
+            dloss: 1.0,
+        }),
+    );
+    let (want_tok, want) = trl_weighted_grpo(&logp, &old, &adv, &lref, &w, &mask, rows, &cfg);
+    assert_close("weighted per_token", &widen(&per_token), &want_tok, TOL_F64);
+    assert_close("weighted loss", &[s.loss], &[want], TOL_F64);
+    assert_eq!(s.tokens, 7.0, "the weights leave the token count alone");
+    assert!(s.clipfrac > 0.0, "the case should exercise the clip");
+    fd_check("weighted loss", &logp, &dlogp, |lp| {
+        run(lp, Some(&w), None, None).loss
+    });
+    // A zero weight leaves only the KL term's gradient on its token.
+    let x = lref[3] as f64 - logp[3] as f64;
+    let dk3 = 1.0 - x.exp();
+    let want_d3 = cfg.kl_coef as f64 * dk3 / 4.0 / 2.0;
+    assert!(
+        (dlogp[3] as f64 - want_d3).abs() < 1e-8,
+        "{} vs {want_d3}",
+        dlogp[3]
+    );
+
+    // Weights of 1 are no correction at all, to the bit; other weights change the loss.
+    let ones = [1.0f32; 8];
+    let plain = run(&logp, None, None, None);
+    assert_eq!(run(&logp, Some(&ones), None, None), plain);
+    assert!(
+        (plain.loss - s.loss).abs() > 1e-3,
+        "{} vs {}",
+        plain.loss,
+        s.loss
+    );
 }

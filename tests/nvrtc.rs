@@ -12,6 +12,7 @@
 //! With `RLHF_PTX_OUT=dir` the PTX is written to `dir/<file>.<arch>.ptx` (`scripts/ptxas_report.sh`
 //! feeds it to `ptxas -v`).
 
+use rlhf::backend::cuda::compile;
 use rlhf::backend::cuda::nvrtc::{self, Nvrtc, NvrtcError, Output};
 use rlhf::backend::emu::plan;
 use std::io::Write;
@@ -39,11 +40,13 @@ fn compile(
     include: &Path,
     arch: &str,
 ) -> Result<String, String> {
-    let options = [
+    // CUDA's headers first: `<mma.h>` is CUDA's, not the shim's beside emu/selftest.cu.
+    let mut options = compile::include_options(nvrtc.library());
+    options.extend([
         format!("--gpu-architecture={arch}"),
         format!("--include-path={}", include.display()),
         "--std=c++17".to_string(),
-    ];
+    ]);
     let c = nvrtc
         .compile(name, source, &[], &options, Output::Ptx)
         .map_err(|e| format!("{name} ({arch}): {e}"))?;
@@ -86,7 +89,8 @@ fn relative(file: &Path) -> String {
         .into_owned()
 }
 
-/// Kernel sources include nothing but common.cuh (DESIGN.md layout): checked without NVRTC.
+/// Kernel sources include nothing but common.cuh and CUDA's `<mma.h>` (the wmma API, which the
+/// shim provides as kernels/emu/mma.h): checked without NVRTC.
 #[test]
 fn kernels_include_only_common_cuh() {
     for (file, _) in kernel_files() {
@@ -97,10 +101,11 @@ fn kernels_include_only_common_cuh() {
         {
             let target = line.split('"').nth(1).unwrap_or("");
             assert!(
-                Path::new(target)
-                    .file_name()
-                    .is_some_and(|f| f == "common.cuh"),
-                "{}: `{line}`: kernels include only common.cuh",
+                line.trim() == "#include <mma.h>"
+                    || Path::new(target)
+                        .file_name()
+                        .is_some_and(|f| f == "common.cuh"),
+                "{}: `{line}`: kernels include only common.cuh and <mma.h>",
                 file.display()
             );
         }

@@ -1,7 +1,8 @@
 //! The PPO trainer end to end on the CPU backend: it raises the reward of a small rule task
 //! (and does not at learning rate 0), it resumes bit-exactly (policy, critic, both optimizers,
-//! the adaptive KL coefficient and the sampling RNG), its KL controller is TRL's, and bad
-//! configurations get clear errors.
+//! the adaptive KL coefficient and the sampling RNG), its KL controller is TRL's, the truncated
+//! importance-sampling correction logs a sampling/training log-prob gap of float rounding, and
+//! bad configurations get clear errors.
 
 use rlhf::algo::ppo::{self, CriticInit, KlController, PpoArgs, CRITIC_DIR};
 use rlhf::algo::reward::score_model_from_lm;
@@ -428,4 +429,70 @@ fn bad_configurations_get_clear_errors() {
     }
     // A good configuration runs.
     ppo::train(&Cpu, &base("d")).unwrap();
+}
+
+/// `--is-correction-cap 2` on the CPU, at the default temperature 0.7: the training forward's
+/// π_old and the decode path's sampling log-probs agree to float rounding (within 1e-5 per
+/// token, `tests/rollout.rs`), so the logged gap stays below 1e-4, the weights within 1e-4 of 1
+/// and none is capped; with weights and π_old that close, each step's policy gradient norm is
+/// the uncorrected run's within 1e-3 (relative). A negative cap is refused before anything runs.
+#[test]
+fn importance_sampling_correction_logs_a_float_rounding_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, rm) = random_policy_and_rm("llama-tiny", dir.path());
+    let prompts = dir.path().join("prompts.jsonl");
+    write_jsonl(&prompts, &builtin_task::pairs(7).0[..16], "answer");
+    let base = |out: &str, cap: Option<f32>| PpoArgs {
+        model: Some(policy.to_string_lossy().into_owned()),
+        data: Some(prompts.clone()),
+        reward: vec![format!("model={}", rm.display())],
+        out: Some(dir.path().join(out)),
+        steps: 2,
+        prompts_per_step: 8,
+        num_mini_batches: 2,
+        ppo_epochs: 2,
+        lr: 1e-3,
+        max_new_tokens: 6,
+        is_correction_cap: cap,
+        save_every: 0,
+        quiet: true,
+        ..PpoArgs::default()
+    };
+    ppo::train(&Cpu, &base("is", Some(2.0))).unwrap();
+    ppo::train(&Cpu, &base("plain", None)).unwrap();
+    let (is_dir, plain_dir) = (dir.path().join("is"), dir.path().join("plain"));
+    let gap = metric(&is_dir, "sampling_logp_gap_mean");
+    let gap_max = metric(&is_dir, "sampling_logp_gap_max");
+    let w = metric(&is_dir, "is_weight_mean");
+    let capped = metric(&is_dir, "is_capped_frac");
+    assert_eq!(gap.len(), 2);
+    for s in 0..2 {
+        assert!(
+            gap[s] <= gap_max[s] && gap_max[s] < 1e-4,
+            "step {s}: gap {} max {}",
+            gap[s],
+            gap_max[s]
+        );
+        assert!((w[s] - 1.0).abs() < 1e-4, "step {s}: mean weight {}", w[s]);
+        assert_eq!(capped[s], 0.0, "step {s}");
+    }
+    assert!(metric(&plain_dir, "sampling_logp_gap_mean")[0].is_nan());
+    let (with, without) = (
+        metric(&is_dir, "policy/grad_norm"),
+        metric(&plain_dir, "policy/grad_norm"),
+    );
+    for s in 0..2 {
+        assert!(
+            without[s] > 0.0 && (with[s] - without[s]).abs() <= 1e-3 * without[s],
+            "step {s}: policy gradient norm {} with the correction, {} without",
+            with[s],
+            without[s]
+        );
+    }
+
+    let e = ppo::train(&Cpu, &base("bad", Some(-1.0)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--is-correction-cap -1"), "{e}");
+    assert!(!dir.path().join("bad").join("run_config.json").exists());
 }

@@ -18,6 +18,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -46,11 +47,19 @@ constexpr unsigned kWarp = 32;
 constexpr unsigned kMaxThreads = 1024;
 /// Dynamic shared memory a launch may ask for without the opt-in attribute, as on a GPU.
 constexpr size_t kMaxDynamicShared = 48 * 1024;
+/// Alignment of dynamic shared memory: at least what a GPU gives, so that a kernel may place
+/// wmma tiles (32-byte aligned, mma.h checks) from its start.
+constexpr size_t kSharedAlign = 128;
 #ifdef EMU_ASAN
 constexpr size_t kStackBytes = 256 * 1024;  // ASan's redzones make every frame larger
 #else
 constexpr size_t kStackBytes = 64 * 1024;
 #endif
+
+/// Frees dynamic shared memory allocated with kSharedAlign.
+struct AlignedDelete {
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(kSharedAlign)); }
+};
 
 enum class State : unsigned char { Ready, AtSync, AtWarp, Done };
 
@@ -88,7 +97,7 @@ struct Runtime {
   Fiber* cur = nullptr;
   uint3 block_idx;
   dim3 block_dim, grid_dim;
-  std::unique_ptr<unsigned char[]> dyn;
+  std::unique_ptr<unsigned char[], AlignedDelete> dyn;
   size_t dyn_len = 0;
   unsigned alive = 0, at_sync = 0, drop_sync = 0;
   unsigned long long rng = 0;
@@ -382,7 +391,8 @@ int run(const char* kernel, const Launch* cfg, void (*body)(void*), void* ctx, c
   if (r.warps.size() < (threads + kWarp - 1) / kWarp) r.warps.resize((threads + kWarp - 1) / kWarp);
   // Exactly the size asked for, so that ASan reports an access past it; at least one byte, so
   // that dynamic_shared() is never null (CUDA gives an address).
-  r.dyn.reset(new unsigned char[cfg->shared_bytes ? cfg->shared_bytes : 1]);
+  r.dyn.reset(static_cast<unsigned char*>(
+      ::operator new[](cfg->shared_bytes ? cfg->shared_bytes : 1, std::align_val_t(kSharedAlign))));
   r.dyn_len = cfg->shared_bytes;
   r.block_dim = dim3{b[0], b[1], b[2]};
   r.grid_dim = dim3{g[0], g[1], g[2]};

@@ -12,6 +12,7 @@
 //! Normalisation: each micro-batch's loss is the mean over its pairs; with gradient
 //! accumulation the step uses the mean of the micro-batch gradients, as in SFT.
 
+use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft::{self, HEAD_CHUNK};
 use crate::backend::loss::{DpoCfg, DpoGrad, DpoInputs, DpoLoss, DpoOutputs, LossOps, Rows};
 use crate::backend::ModelOps;
@@ -127,6 +128,11 @@ pub struct DpoArgs {
     /// Seed of the data order (and of a built-in model's initialisation).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// Continue the run in --out from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -797,7 +803,10 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &DpoArgs) -> Result<DpoSummary
 
 /// `rlhf dpo`: trains a policy with DPO on the CPU backend.
 pub fn run(args: &DpoArgs) -> anyhow::Result<()> {
-    let be = crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &DpoArgs) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(
@@ -814,7 +823,7 @@ pub fn run(args: &DpoArgs) -> anyhow::Result<()> {
         args.data.is_some(),
         "dpo needs --data (preference pairs, JSONL)"
     );
-    let s = train(&be, &args)?;
+    let s = train(be, &args)?;
     if s.interrupted {
         println!(
             "Stopped after step {} of {}; --resume continues from the last checkpoint.",

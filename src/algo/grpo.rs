@@ -16,6 +16,12 @@
 //! per-token NLL of its labelled `completion` (at temperature 1, the policy's own
 //! distribution): a supervised gradient from the first step, whatever the rewards say.
 //!
+//! With `--is-correction-cap C` the ratio's π_old is the training forward's, recomputed after
+//! each rollout, and each token's clipped surrogate is weighted by the truncated importance
+//! ratio `min(π_old / π_sampling, C)` ([`SamplingCorrection`], TRL's
+//! `vllm_importance_sampling_correction`): the sampler's log-probs need not match the training
+//! forward's to the bit.
+//!
 //! Checkpoints fall on rollout boundaries (the step after which a new batch is sampled), so a
 //! resumed run re-samples from the saved RNG state and continues exactly.
 
@@ -34,7 +40,7 @@ use crate::model::{Batch, Model, Pad};
 use crate::optim::{grad_norm, OptimConfig};
 use crate::reward::{self, RewardSource};
 use crate::rng::Rng;
-use crate::rollout::{rollout, Rollout, RolloutConfig, RolloutPrompt};
+use crate::rollout::{rollout, sequence_logprobs, Rollout, RolloutConfig, RolloutPrompt};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -149,6 +155,13 @@ pub struct GrpoArgs {
     /// Dual-clip constant c > 1: caps the loss of negative-advantage tokens at -A·c.
     #[arg(long)]
     pub delta: Option<f32>,
+    /// Truncated importance-sampling correction with cap C (TRL's
+    /// vllm_importance_sampling_correction): after each rollout, π_old is recomputed by the
+    /// training forward (one extra forward pass over the batch) and each token's policy loss is
+    /// weighted by min(π_old / π_sampling, C); logs the sampling/training log-prob gap.
+    /// Absent or 0: off.
+    #[arg(long)]
+    pub is_correction_cap: Option<f32>,
     /// Entropy bonus coefficient.
     #[arg(long, default_value_t = 0.0)]
     pub entropy_coef: f32,
@@ -264,6 +277,8 @@ struct Micro {
     /// One per row, or one per token (`B·T`, REINFORCE++).
     adv: Vec<f32>,
     per_token: bool,
+    /// Truncated importance-sampling weights (`B·T`), with `--is-correction-cap`.
+    is_weight: Option<Vec<f32>>,
 }
 
 /// A rollout batch ready to optimise on, reused for `num_iterations` steps.
@@ -293,6 +308,8 @@ struct Settings {
     group: usize,
     scale: GroupScale,
     loss: PolicyLossCfg,
+    /// The truncated importance-sampling cap; `None`: no correction.
+    is_cap: Option<f32>,
 }
 
 impl Settings {
@@ -353,6 +370,7 @@ impl Settings {
             },
         };
         Ok(Settings {
+            is_cap: is_correction_cap(args.is_correction_cap)?,
             group: args.num_generations,
             scale,
             loss: PolicyLossCfg {
@@ -552,7 +570,7 @@ pub fn train<B: DecodeOps + LossOps>(
                     answer: prompts[i].answer.clone(),
                 })
                 .collect();
-            let roll = rollout(
+            let mut roll = rollout(
                 be,
                 &model,
                 reference.as_ref(),
@@ -573,7 +591,11 @@ pub fn train<B: DecodeOps + LossOps>(
             } else {
                 Vec::new()
             };
-            current = Some(prepare(be, roll, sft, args, &settings)?);
+            let correction = settings
+                .is_cap
+                .map(|cap| correct_sampling(be, &model, &mut roll, cap))
+                .transpose()?;
+            current = Some(prepare(be, roll, correction, sft, args, &settings)?);
         }
         let prep = current.as_ref().expect("prepared above");
 
@@ -721,13 +743,14 @@ fn check_prompts(prompts: &[RlPrompt], path: &Path, args: &GrpoArgs, context: us
     Ok(())
 }
 
-/// Turns a fresh rollout into micro-batches with advantages: logs its reward statistics,
-/// drops agreeing groups (dynamic sampling), masks truncated completions if asked, computes
-/// the advantages over the kept rows, and splits rows and S-GRPO examples into `grad_accum`
-/// slots.
+/// Turns a fresh rollout into micro-batches with advantages: logs its reward statistics (and
+/// the sampling correction's, when there is one), drops agreeing groups (dynamic sampling),
+/// masks truncated completions if asked, computes the advantages over the kept rows, and
+/// splits rows, importance weights and S-GRPO examples into `grad_accum` slots.
 fn prepare<B: LossOps>(
     be: &B,
     roll: Rollout,
+    correction: Option<SamplingCorrection>,
     sft: Vec<(Vec<u32>, Vec<u32>)>,
     args: &GrpoArgs,
     s: &Settings,
@@ -763,14 +786,19 @@ fn prepare<B: LossOps>(
         ("time/reward_s", roll.timing.reward_s),
         ("time/reference_s", roll.timing.reference_s),
     ];
+    if let Some(c) = &correction {
+        metrics.extend(c.metrics());
+    }
+    let is_weight = correction.map(|c| c.weights);
 
-    let mut roll = if args.dynamic_sampling {
+    let (mut roll, is_weight) = if args.dynamic_sampling {
         // A group's std is 0 exactly when its rewards all agree (TRL's isclose tolerance).
         let kept: Vec<usize> = (0..n).filter(|&i| stds[i] > 1e-8).collect();
         metrics.push(("frac_groups_kept", kept.len() as f64 / n.max(1) as f64));
-        roll.select(&kept)
+        let w = is_weight.map(|w| roll.take_tokens(&w, &kept));
+        (roll.select(&kept), w)
     } else {
-        roll
+        (roll, is_weight)
     };
     if args.mask_truncated_completions {
         let t = roll.batch.t;
@@ -851,6 +879,7 @@ fn prepare<B: LossOps>(
                 roll: roll.select(&rows),
                 adv,
                 per_token,
+                is_weight: is_weight.as_ref().map(|w| roll.take_tokens(w, &rows)),
             })
         })
         .collect();
@@ -871,6 +900,110 @@ fn prepare<B: LossOps>(
 
 fn mean(xs: &[f32]) -> f64 {
     xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// The cap a `--is-correction-cap` flag asks for: `None` (no correction) when absent or 0.
+pub fn is_correction_cap(flag: Option<f32>) -> Result<Option<f32>> {
+    match flag {
+        None | Some(0.0) => Ok(None),
+        Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
+        Some(c) => Err(Error::Invalid(format!(
+            "--is-correction-cap {c} must be a finite number > 0 (or 0: off)"
+        ))),
+    }
+}
+
+/// Truncated importance-sampling correction of a rollout's sampling log-probs (TRL's
+/// `vllm_importance_sampling_correction`, `token_truncate` mode): the training forward's π_old
+/// and the sampler's log-probs can disagree (on a GPU: a bf16 decode kernel against the
+/// full-sequence kernel), so each completion token's policy loss is weighted by
+/// `w = min(π_old / π_sampling, cap)`, with the gap logged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingCorrection {
+    /// Per-token weights (`B·T`, laid out as the rollout), 0 off the completion.
+    pub weights: Vec<f32>,
+    /// Mean over completion tokens of `|logp_train - logp_sampling|`.
+    pub gap_mean: f64,
+    /// Largest `|logp_train - logp_sampling|` over completion tokens (0 without one).
+    pub gap_max: f64,
+    /// Mean weight over completion tokens.
+    pub weight_mean: f64,
+    /// Fraction of completion tokens whose ratio exceeds the cap (their weight is the cap).
+    pub capped_frac: f64,
+}
+
+impl SamplingCorrection {
+    /// The weights and gap statistics over the tokens where `mask` is nonzero, all views
+    /// `B·T`. TRL's `grpo_trainer.py`: `importance_sampling_ratio =
+    /// torch.exp(old_per_token_logps - sampling_per_token_logps)`, then
+    /// `torch.clamp(importance_sampling_ratio, max=vllm_importance_sampling_cap)`: truncated at
+    /// the top only, per token; a ratio below 1 is kept.
+    pub fn new(
+        logp_train: &[f32],
+        logp_sampling: &[f32],
+        mask: &[f32],
+        cap: f32,
+    ) -> SamplingCorrection {
+        assert_eq!(logp_train.len(), mask.len());
+        assert_eq!(logp_sampling.len(), mask.len());
+        let cap = cap as f64;
+        let mut weights = vec![0.0f32; mask.len()];
+        let (mut tokens, mut gap_sum, mut gap_max, mut w_sum, mut capped) =
+            (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (i, &m) in mask.iter().enumerate() {
+            if m == 0.0 {
+                continue;
+            }
+            let d = logp_train[i] as f64 - logp_sampling[i] as f64;
+            let ratio = d.exp();
+            let w = ratio.min(cap);
+            weights[i] = w as f32;
+            tokens += 1.0;
+            gap_sum += d.abs();
+            gap_max = gap_max.max(d.abs());
+            w_sum += w;
+            capped += (ratio > cap) as u8 as f64;
+        }
+        let n = tokens.max(1.0);
+        SamplingCorrection {
+            weights,
+            gap_mean: gap_sum / n,
+            gap_max,
+            weight_mean: w_sum / n,
+            capped_frac: capped / n,
+        }
+    }
+
+    /// The per-rollout metrics, by the names the metrics log gives them.
+    pub fn metrics(&self) -> [(&'static str, f64); 4] {
+        [
+            ("sampling_logp_gap_mean", self.gap_mean),
+            ("sampling_logp_gap_max", self.gap_max),
+            ("is_weight_mean", self.weight_mean),
+            ("is_capped_frac", self.capped_frac),
+        ]
+    }
+}
+
+/// Recomputes π_old of a fresh rollout with the training forward (full sequence,
+/// teacher-forced, at the rollout's temperature), puts it in `roll.old_logp` in place of the
+/// sampling log-probs, and returns the correction of the latter with `cap`.
+pub fn correct_sampling<B: ModelOps>(
+    be: &B,
+    model: &Model<B>,
+    roll: &mut Rollout,
+    cap: f32,
+) -> Result<SamplingCorrection> {
+    let mut train = sequence_logprobs(be, model, &roll.batch, &roll.targets, roll.temperature)?;
+    // A rollout's per-token vectors are 0 off the completion.
+    for (x, &m) in train.iter_mut().zip(&roll.completion_mask) {
+        if m == 0.0 {
+            *x = 0.0;
+        }
+    }
+    let c = SamplingCorrection::new(&train, &roll.old_logp, &roll.completion_mask, cap);
+    roll.old_logp = train;
+    Ok(c)
 }
 
 /// Token-weighted sums of the policy-loss diagnostics over a step's micro-batches.
@@ -942,6 +1075,7 @@ fn policy_micro<B: ModelOps + LossOps>(
     );
     let reference = r.ref_logp.as_deref().map(up);
     let entropy = entropy.as_deref().map(up);
+    let is_weight = m.is_weight.as_deref().map(up);
     let mut dlogp = be.zeros(n);
     let mut dentropy = (cfg.entropy_coef != 0.0).then(|| be.zeros(n));
     let inputs = PolicyLossInputs {
@@ -954,6 +1088,7 @@ fn policy_micro<B: ModelOps + LossOps>(
         },
         logp_ref: reference.as_ref().map(|b| be.all(b)),
         entropy: entropy.as_ref().map(|b| be.all(b)),
+        is_weight: is_weight.as_ref().map(|b| be.all(b)),
         mask: be.all(&mask),
         rows: r.rows(),
     };

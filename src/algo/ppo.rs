@@ -18,6 +18,11 @@
 //! 5. **KL controller**: with a target KL, the coefficient moves toward it (Ziegler et al. 2019,
 //!    TRL 0.x's `AdaptiveKLController`), after the step whose rewards it shaped.
 //!
+//! With `--is-correction-cap C`, π_old is recomputed by the training forward after the rollout
+//! (for the ratio and the KL penalty alike), and each token's clipped surrogate is weighted by
+//! the truncated importance ratio `min(π_old / π_sampling, C)`, as GRPO does
+//! ([`crate::algo::grpo::SamplingCorrection`]).
+//!
 //! The critic is a separate value model (a transformer with a scalar head read at every
 //! position) with its own AdamW (same learning rate and schedule): initialised from the reward
 //! model when the reward is one, or from the policy's body with a zero score head. TRL wraps
@@ -25,6 +30,7 @@
 //! own clip, so a large value gradient cannot shrink the policy's step. The learning rate
 //! follows the crate's schedule (warmup, cosine) once per PPO step, where TRL decays linearly.
 
+use crate::algo::grpo::{correct_sampling, is_correction_cap};
 use crate::algo::reward::score_model_from_lm;
 use crate::algo::sft::{self, HEAD_CHUNK};
 use crate::backend::loss::{
@@ -161,6 +167,13 @@ pub struct PpoArgs {
     /// Coefficient of the value loss.
     #[arg(long, default_value_t = 0.1)]
     pub vf_coef: f32,
+    /// Truncated importance-sampling correction with cap C (TRL's
+    /// vllm_importance_sampling_correction): after each rollout, π_old (for the ratio and the
+    /// KL penalty) is recomputed by the training forward (one extra forward pass over the
+    /// batch) and each token's policy loss is weighted by min(π_old / π_sampling, C); logs the
+    /// sampling/training log-prob gap. Absent or 0: off.
+    #[arg(long)]
+    pub is_correction_cap: Option<f32>,
     /// Subtracted from the score of completions that never produce EOS.
     #[arg(long)]
     pub missing_eos_penalty: Option<f32>,
@@ -366,6 +379,7 @@ fn validate(args: &PpoArgs) -> Result<()> {
             return bad(format!("--missing-eos-penalty {p} is not a number"));
         }
     }
+    is_correction_cap(args.is_correction_cap)?;
     Ok(())
 }
 
@@ -568,9 +582,10 @@ impl UpdateStats {
     }
 }
 
-/// The gradients of one minibatch's losses: the policy's clipped surrogate into `pgrads` and
-/// `vf_coef ×` the critic's clipped value loss into `cgrads`. Returns the minibatch's
-/// statistics (gradient norms left for the caller, who takes them after both backward passes).
+/// The gradients of one minibatch's losses: the policy's clipped surrogate (weighted per token
+/// by `is_weight` when given) into `pgrads` and `vf_coef ×` the critic's clipped value loss
+/// into `cgrads`. Returns the minibatch's statistics (gradient norms left for the caller, who
+/// takes them after both backward passes).
 #[allow(clippy::too_many_arguments)]
 fn minibatch_grads<B: DecodeOps + LossOps>(
     be: &B,
@@ -579,6 +594,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
     mb: &Rollout,
     advantages: &[f32],
     returns: &[f32],
+    is_weight: Option<&[f32]>,
     args: &PpoArgs,
     pgrads: &mut B::Buf,
     cgrads: &mut B::Buf,
@@ -601,6 +617,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
         be.upload(&mb.old_logp),
         be.upload(advantages),
     );
+    let is_weight = is_weight.map(|w| be.upload(w));
     let mut dlogp = be.zeros(n);
     let p = be.policy_loss(
         &PolicyLossInputs {
@@ -609,6 +626,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
             advantages: Advantages::PerToken(be.all(&adv_b)),
             logp_ref: None,
             entropy: None,
+            is_weight: is_weight.as_ref().map(|w| be.all(w)),
             mask: be.all(&mask),
             rows,
         },
@@ -769,6 +787,7 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
         group_size: 1,
         missing_eos_penalty: args.missing_eos_penalty,
     };
+    let is_cap = is_correction_cap(args.is_correction_cap)?;
 
     let mut batches = match &resume_from {
         Some((state, _)) => {
@@ -872,7 +891,7 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
                 answer: prompts[i].answer.clone(),
             })
             .collect();
-        let ro = rollout(
+        let mut ro = rollout(
             be,
             &policy,
             Some(&reference),
@@ -883,6 +902,10 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
             &rcfg,
             &mut rng,
         )?;
+        // Before the rewards are shaped, so the KL penalty reads the training forward's π_old too.
+        let correction = is_cap
+            .map(|cap| correct_sampling(be, &policy, &mut ro, cap))
+            .transpose()?;
         let kl_coef = kl_ctl.value;
         let shaped = shape(be, &ro, args, kl_coef)?;
         if !shaped.kl.is_finite() {
@@ -906,6 +929,9 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
                 let (t_old, t_new) = (ro.batch.t, mb.batch.t);
                 let adv = take_rows(&shaped.advantages, rows, t_old, t_new);
                 let ret = take_rows(&shaped.returns, rows, t_old, t_new);
+                let is_weight = correction
+                    .as_ref()
+                    .map(|c| take_rows(&c.weights, rows, t_old, t_new));
                 be.fill(be.all_mut(&mut pgrads), 0.0);
                 be.fill(be.all_mut(&mut cgrads), 0.0);
                 let mut u = minibatch_grads(
@@ -915,6 +941,7 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
                     &mb,
                     &adv,
                     &ret,
+                    is_weight.as_deref(),
                     args,
                     &mut pgrads,
                     &mut cgrads,
@@ -949,7 +976,7 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
         step += 1;
 
         let u = updates.max(1) as f64;
-        let values = [
+        let mut values = vec![
             ("objective/kl", shaped.kl),
             ("objective/entropy", shaped.entropy),
             ("objective/non_score_reward", shaped.non_score_reward),
@@ -977,6 +1004,9 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
                 stats.tokens as f64 / train_s.max(1e-9),
             ),
         ];
+        if let Some(c) = &correction {
+            values.extend(c.metrics());
+        }
         run.log(step, &values)?;
         summary.steps = step;
         summary.last_score = Some(shaped.scores);

@@ -10,6 +10,7 @@
 //! Normalisation: each micro-batch's loss is the mean over its pairs; with gradient
 //! accumulation the step uses the mean of the micro-batch gradients, as in SFT.
 
+use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft;
 use crate::backend::loss::{BtCfg, BtGrad, LossOps};
 use crate::backend::ModelOps;
@@ -91,6 +92,11 @@ pub struct RmArgs {
     /// Seed of the score head's initialisation (and a built-in model's) and the data order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// Continue the run in --out from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -582,7 +588,10 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &RmArgs) -> Result<RmSummary> 
 
 /// `rlhf rm`: trains a reward model on the CPU backend.
 pub fn run(args: &RmArgs) -> anyhow::Result<()> {
-    let be = crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &RmArgs) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(
@@ -599,7 +608,7 @@ pub fn run(args: &RmArgs) -> anyhow::Result<()> {
         args.data.is_some(),
         "rm needs --data (preference pairs, JSONL)"
     );
-    let s = train(&be, &args)?;
+    let s = train(be, &args)?;
     let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
     if s.interrupted {
         println!(

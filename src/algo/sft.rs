@@ -6,6 +6,7 @@
 //! gradients (each scaled by `1/grad_accum`), as HF's Trainer does per micro-batch, so long
 //! and short micro-batches count alike.
 
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::ModelOps;
 use crate::builtin_task;
 use crate::checkpoint::{self, LrSchedule, Run, RunOptions, TrainerState};
@@ -241,6 +242,11 @@ pub struct SftArgs {
     /// Seed of the initialisation, data order and built-in task.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// Continue the run in --out from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -601,7 +607,10 @@ pub fn starting_model<B: ModelOps>(
 /// `rlhf sft`: trains on the CPU backend. Without `--data`, trains the built-in task (see
 /// [`builtin_task`]) and prints sample generations before and after.
 pub fn run(args: &SftArgs) -> anyhow::Result<()> {
-    let be = crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: crate::backend::DecodeOps>(be: &B, args: &SftArgs) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(
@@ -615,7 +624,7 @@ pub fn run(args: &SftArgs) -> anyhow::Result<()> {
     }
     let out = args.out.clone().expect("set above");
     if args.data.is_some() {
-        let s = train(&be, &args)?;
+        let s = train(be, &args)?;
         report(&s);
         return Ok(());
     }
@@ -630,7 +639,7 @@ pub fn run(args: &SftArgs) -> anyhow::Result<()> {
     );
     if !args.resume {
         let tok = Tokenizer::load(&out)?;
-        let model = initial_model(&be, &args, &tok)?;
+        let model = initial_model(be, &args, &tok)?;
         let c = &model.cfg;
         println!(
             "Model: {} ({} layers, d={}, {} heads), {} parameters, random init (seed {})",
@@ -642,14 +651,14 @@ pub fn run(args: &SftArgs) -> anyhow::Result<()> {
             args.seed
         );
         println!("Before training (greedy decoding of held-out prompts):");
-        builtin_task::show_samples(&be, &model, &tok, &builtin_task::eval_pairs(&args)?)?;
+        builtin_task::show_samples(be, &model, &tok, &builtin_task::eval_pairs(&args)?)?;
     }
-    let s = train(&be, &args)?;
+    let s = train(be, &args)?;
     if !s.interrupted {
         let tok = Tokenizer::load(&out)?;
-        let model = Model::load(&be, &out)?;
+        let model = Model::load(be, &out)?;
         println!("After training ({} steps):", s.steps);
-        builtin_task::show_samples(&be, &model, &tok, &builtin_task::eval_pairs(&args)?)?;
+        builtin_task::show_samples(be, &model, &tok, &builtin_task::eval_pairs(&args)?)?;
     }
     report(&s);
     Ok(())

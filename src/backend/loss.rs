@@ -143,6 +143,12 @@ pub struct PolicyLossInputs<'a, B: Backend + ?Sized + 'a> {
     /// `entropy_coef != 0`. Its gradient goes to [`PolicyLossGrad::dentropy`], which
     /// `ModelOps::logprobs_backward` chains to the logits.
     pub entropy: Option<B::View<'a>>,
+    /// Per-token truncated importance-sampling weights `w = min(π_old / π_sampling, C)` (TRL's
+    /// `vllm_importance_sampling_correction`), where π_old is the training forward's and
+    /// π_sampling the sampler's: a constant that scales each token's clipped surrogate and its
+    /// gradient, not the KL or entropy terms, and not the aggregation's token counts. `None`:
+    /// every weight is 1.
+    pub is_weight: Option<B::View<'a>>,
     /// 1 = token counts, 0 = pad.
     pub mask: B::View<'a>,
     /// Batch geometry.
@@ -451,7 +457,8 @@ pub trait LossOps: Backend {
 
     /// The clipped surrogate policy loss. Per token, with `r = exp(logp - logp_old)`:
     /// `l = max(-A·r, -A·clip(r, 1-ε_low, 1+ε_high))`; with dual clip, `l = min(l, -A·c)` where
-    /// `A < 0`; then `l += β·k3(logp, logp_ref) - entropy_coef·H`. Aggregated as `cfg.agg`.
+    /// `A < 0`; then `l = w·l` with the importance weight `w` when given; then
+    /// `l += β·k3(logp, logp_ref) - entropy_coef·H`. Aggregated as `cfg.agg`.
     /// Writes the per-token `l` to `per_token` (N) if given (0 on pads), and the gradient to
     /// `grad` in the same pass.
     fn policy_loss(

@@ -343,6 +343,68 @@ pub trait DecodeOps: ModelOps {
         len: usize,
         t_max: usize,
     );
-    /// Copies a view into host memory the caller owns (no allocation, unlike `download`).
-    fn download_into(&self, v: Self::View<'_>, dst: &mut [f32]);
+    /// Picks a token for each row listed in `rows` from `logits` (B, V): ids[i], logps[i] for rows[i],
+    /// with uniforms[i] in [0, 1) drawn by the caller (unused when greedy). logps[i] is the token's
+    /// log-prob at the sampling temperature before top-k/top-p truncation (TRL's convention).
+    #[allow(clippy::too_many_arguments)]
+    fn sample_tokens(
+        &self,
+        logits: Self::View<'_>,
+        rows: &[u32],
+        v: usize,
+        p: SampleParams,
+        uniforms: &[f64],
+        ids: &mut [u32],
+        logps: &mut [f32],
+    );
+}
+
+/// Sampling parameters of one decode step (temperature <= 0: greedy).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0, or at least V: off).
+    pub top_k: usize,
+    /// Keep the shortest run of most likely tokens holding this share of the mass (>= 1: off).
+    pub top_p: f32,
+}
+
+impl SampleParams {
+    /// Whether the step decodes greedily (the first maximum, log-probs at temperature 1).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Panics unless `DecodeOps::sample_tokens`'s arguments agree (a caller's bug, as for every
+    /// op): logits hold whole rows of `v > 0`, every listed row exists, one id and log-prob per
+    /// listed row, and one uniform per listed row unless greedy. Returns B, the logits' rows.
+    pub fn check_args(
+        &self,
+        logits: usize,
+        rows: &[u32],
+        v: usize,
+        uniforms: usize,
+        ids: usize,
+        logps: usize,
+    ) -> usize {
+        let op = "sample_tokens";
+        assert!(
+            v > 0 && logits % v == 0,
+            "{op}: {logits} logits are not whole rows of V = {v}"
+        );
+        let b = logits / v;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= b) {
+            panic!("{op}: row {r} out of a batch of {b}");
+        }
+        let n = rows.len();
+        assert!(
+            ids == n && logps == n,
+            "{op}: {ids} ids and {logps} log-probs for {n} rows"
+        );
+        assert!(
+            self.is_greedy() || uniforms == n,
+            "{op}: {uniforms} uniforms for {n} sampled rows"
+        );
+        b
+    }
 }

@@ -3,10 +3,13 @@
 //!
 //! Each sampled token's log-prob is recorded under the model's distribution at the sampling
 //! temperature, before top-k/top-p truncation, as TRL computes it: RL needs exactly that number.
+//!
+//! Tokens are picked by the backend ([`DecodeOps::sample_tokens`]) where the logits are: only
+//! the ids and log-probs of the rows still generating come back, not (B, V) logits.
 
 use super::tokenizer::Tokenizer;
 use super::transformer::{Batch, DecodeState, Model, Pad};
-use crate::backend::DecodeOps;
+use crate::backend::{DecodeOps, SampleParams};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -58,79 +61,23 @@ pub struct Completion {
     pub finish: Finish,
 }
 
-/// Host-side scratch for sampling, allocated once per generation.
-struct Sampler {
-    logits: Vec<f32>,
-    /// Candidate token ids, sorted or partitioned in place for top-k/top-p.
-    order: Vec<u32>,
-    probs: Vec<f32>,
+/// What one step's sampling sends to the backend and gets back, allocated once per generation:
+/// the rows still generating, one uniform each (none when greedy), and their picks.
+struct Picks {
+    rows: Vec<u32>,
+    uniforms: Vec<f64>,
+    ids: Vec<u32>,
+    logps: Vec<f32>,
 }
 
-impl Sampler {
-    /// Picks a token from one row of logits; returns it with its log-prob at temperature `t`.
-    fn pick(&mut self, row: usize, v: usize, cfg: &SamplingConfig, rng: &mut Rng) -> (u32, f32) {
-        let z = &self.logits[row * v..(row + 1) * v];
-        let t = if cfg.temperature > 0.0 {
-            cfg.temperature
-        } else {
-            1.0
-        };
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let sum: f64 = z.iter().map(|&x| (((x - max) / t) as f64).exp()).sum();
-        let lse = max / t + sum.ln() as f32;
-        let logp = |id: u32| z[id as usize] / t - lse;
-        if cfg.temperature <= 0.0 {
-            // First maximum, as torch.argmax.
-            let id = z
-                .iter()
-                .enumerate()
-                .fold(0, |best, (i, &x)| if x > z[best] { i } else { best })
-                as u32;
-            return (id, logp(id));
+impl Picks {
+    fn new(b: usize) -> Picks {
+        Picks {
+            rows: Vec::with_capacity(b),
+            uniforms: Vec::with_capacity(b),
+            ids: vec![0; b],
+            logps: vec![0.0; b],
         }
-        let probs = &mut self.probs[..v];
-        for (p, &x) in probs.iter_mut().zip(z) {
-            *p = ((x - max) / t).exp();
-        }
-        let order = &mut self.order[..v];
-        for (i, o) in order.iter_mut().enumerate() {
-            *o = i as u32;
-        }
-        let by_prob = |a: &u32, b: &u32| {
-            probs[*b as usize]
-                .total_cmp(&probs[*a as usize])
-                .then(a.cmp(b))
-        };
-        let mut keep = v;
-        if cfg.top_k > 0 && cfg.top_k < v {
-            order.select_nth_unstable_by(cfg.top_k - 1, by_prob);
-            keep = cfg.top_k;
-        }
-        if cfg.top_p < 1.0 {
-            order[..keep].sort_unstable_by(by_prob);
-            let total: f32 = order[..keep].iter().map(|&i| probs[i as usize]).sum();
-            let mut acc = 0.0;
-            for (n, &i) in order[..keep].iter().enumerate() {
-                acc += probs[i as usize] / total;
-                // transformers keeps tokens until the cumulative mass first exceeds top_p.
-                if acc >= cfg.top_p {
-                    keep = n + 1;
-                    break;
-                }
-            }
-        }
-        let kept = &order[..keep];
-        let total: f64 = kept.iter().map(|&i| probs[i as usize] as f64).sum();
-        let mut u = rng.uniform() * total;
-        let mut id = kept[keep - 1];
-        for &i in kept {
-            u -= probs[i as usize] as f64;
-            if u < 0.0 {
-                id = i;
-                break;
-            }
-        }
-        (id, logp(id))
     }
 }
 
@@ -164,11 +111,7 @@ pub fn generate<B: DecodeOps>(
     let pad = model.cfg.pad_token_id.unwrap_or(0);
     let batch = Batch::new(prompts, pad, Pad::Left);
     let mut state = model.prefill(be, &batch, cfg.max_new_tokens)?;
-    let mut sampler = Sampler {
-        logits: vec![0.0; b * v],
-        order: vec![0; v],
-        probs: vec![0.0; v],
-    };
+    let mut picks = Picks::new(b);
     let mut next = vec![pad; b];
     let mut done = vec![false; b];
     // The loop runs inside the rayon pool: parallel ops started from a worker thread go to its
@@ -177,15 +120,7 @@ pub fn generate<B: DecodeOps>(
     rayon::scope(|_| {
         for step in 0..cfg.max_new_tokens {
             sample_step(
-                be,
-                &mut state,
-                &mut sampler,
-                cfg,
-                rng,
-                &mut next,
-                &mut done,
-                &mut out,
-                tokenizer,
+                be, &state, &mut picks, v, cfg, rng, &mut next, &mut done, &mut out, tokenizer,
             )?;
             if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
                 break;
@@ -197,13 +132,16 @@ pub fn generate<B: DecodeOps>(
     Ok(out)
 }
 
-/// Samples one token for every unfinished row from `state.logits`, records it, and marks rows
-/// that stop. Finished rows keep feeding the pad token, which nothing reads.
+/// Samples one token for every unfinished row from `state.logits` on the backend, records it,
+/// and marks rows that stop. Finished rows keep feeding the pad token, which nothing reads. One
+/// uniform is drawn per unfinished row in row order (none when greedy): the draws generation has
+/// always made, so seeded runs keep their tokens.
 #[allow(clippy::too_many_arguments)]
 fn sample_step<B: DecodeOps>(
     be: &B,
-    state: &mut DecodeState<B>,
-    sampler: &mut Sampler,
+    state: &DecodeState<B>,
+    picks: &mut Picks,
+    v: usize,
     cfg: &SamplingConfig,
     rng: &mut Rng,
     next: &mut [u32],
@@ -211,13 +149,34 @@ fn sample_step<B: DecodeOps>(
     out: &mut [Completion],
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
-    let v = sampler.logits.len() / state.b;
-    be.download_into(be.all(&state.logits), &mut sampler.logits);
-    for r in 0..state.b {
-        if done[r] {
-            continue;
-        }
-        let (id, lp) = sampler.pick(r, v, cfg, rng);
+    let p = SampleParams {
+        temperature: cfg.temperature,
+        top_k: cfg.top_k,
+        top_p: cfg.top_p,
+    };
+    picks.rows.clear();
+    picks
+        .rows
+        .extend((0..state.b as u32).filter(|&r| !done[r as usize]));
+    picks.uniforms.clear();
+    if !p.is_greedy() {
+        picks
+            .uniforms
+            .extend(picks.rows.iter().map(|_| rng.uniform()));
+    }
+    let n = picks.rows.len();
+    let (ids, logps) = (&mut picks.ids[..n], &mut picks.logps[..n]);
+    be.sample_tokens(
+        be.all(&state.logits),
+        &picks.rows,
+        v,
+        p,
+        &picks.uniforms,
+        ids,
+        logps,
+    );
+    for (&r, (&id, &lp)) in picks.rows.iter().zip(ids.iter().zip(logps.iter())) {
+        let r = r as usize;
         next[r] = id;
         out[r].tokens.push(id);
         out[r].logprobs.push(lp);

@@ -1,9 +1,9 @@
-//! Generation with a KV cache on the CPU: storing new keys/values and one-row attention.
-//! Nothing here allocates: the decode loop must not.
+//! Generation with a KV cache on the CPU: storing new keys/values, one-row attention, and picking
+//! tokens (in `sample.rs`). Nothing here allocates: the decode loop must not.
 
 use super::reduce::dot;
 use super::Cpu;
-use crate::backend::{AttnShape, DecodeOps};
+use crate::backend::{AttnShape, DecodeOps, SampleParams};
 use rayon::prelude::*;
 
 /// Largest head dim the decode accumulator holds on the stack.
@@ -34,8 +34,17 @@ impl DecodeOps for Cpu {
     ) {
         attention_decode(out, qkv, k_cache, v_cache, key_mask, s, len, t_max)
     }
-    fn download_into(&self, v: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(v)
+    fn sample_tokens(
+        &self,
+        logits: &[f32],
+        rows: &[u32],
+        v: usize,
+        p: SampleParams,
+        uniforms: &[f64],
+        ids: &mut [u32],
+        logps: &mut [f32],
+    ) {
+        super::sample::sample_tokens(logits, rows, v, p, uniforms, ids, logps)
     }
 }
 

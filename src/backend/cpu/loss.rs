@@ -268,6 +268,9 @@ impl LossOps for Cpu {
         if let Some(e) = x.entropy {
             assert_eq!(e.len(), rows.n());
         }
+        if let Some(iw) = x.is_weight {
+            assert_eq!(iw.len(), rows.n(), "is_weight length must be B*T");
+        }
         let (w, total) = row_weights(cfg.agg, x.mask, rows);
         let (dlogp, dentropy, dloss) = match grad {
             Some(g) => (Some(g.dlogp), g.dentropy, g.dloss as f64),
@@ -313,6 +316,12 @@ impl LossOps for Cpu {
                         if a < 0.0 && l > cap {
                             (l, g, dual) = (cap, 0.0, true);
                         }
+                    }
+                    // TRL multiplies the clipped surrogate by the (constant) truncated IS ratio
+                    // before adding the KL term: `per_token_loss * importance_sampling_ratio`.
+                    if let Some(iw) = x.is_weight {
+                        let iw = iw[i] as f64;
+                        (l, g) = (iw * l, iw * g);
                     }
                     if let Some(lr) = x.logp_ref {
                         let (k3, dk3) =

@@ -15,6 +15,7 @@ mod norm;
 mod optim;
 mod reduce;
 mod rope;
+mod sample;
 
 use super::Backend;
 use std::ops::Range;

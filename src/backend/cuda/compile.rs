@@ -3,7 +3,7 @@
 
 use super::cache::{self, KeyInputs};
 use super::nvrtc::{Nvrtc, NvrtcError, Output};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `kernels/common.cuh`, the one header kernel files include (given to NVRTC in memory).
 pub const COMMON_CUH: &str = include_str!("../../../kernels/common.cuh");
@@ -19,16 +19,22 @@ pub const SOURCES: &[(&str, &str)] = &[
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),
     ),
+    (
+        "embedding.cu",
+        include_str!("../../../kernels/embedding.cu"),
+    ),
     ("kl.cu", include_str!("../../../kernels/kl.cu")),
     ("logprob.cu", include_str!("../../../kernels/logprob.cu")),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
+    ("optim.cu", include_str!("../../../kernels/optim.cu")),
     ("ppo_loss.cu", include_str!("../../../kernels/ppo_loss.cu")),
     (
         "pref_loss.cu",
         include_str!("../../../kernels/pref_loss.cu"),
     ),
     ("reduce.cu", include_str!("../../../kernels/reduce.cu")),
+    ("rope.cu", include_str!("../../../kernels/rope.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
 ];
 
@@ -92,6 +98,40 @@ impl Target {
     }
 }
 
+/// Where NVRTC finds the CUDA headers a kernel file includes besides common.cuh: `mma.h` (the
+/// wmma API of the tensor-core attention) and what it includes (`crt/mma.h`, `cuda_bf16.h`, ...),
+/// none of which NVRTC has built in. `RLHF_CUDA_INCLUDE` (directories separated by `:`) if set;
+/// else those of `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include` and, when
+/// `nvrtc_library` is the `nvidia-cuda-nvrtc-cu12` wheel's (`.../nvidia/cuda_nvrtc/lib/...`), the
+/// `include` directories of the `nvidia-cuda-runtime-cu12` and `nvidia-cuda-nvcc-cu12` wheels
+/// beside it, that exist.
+pub fn cuda_include_dirs(nvrtc_library: &str) -> Vec<PathBuf> {
+    if let Some(list) = std::env::var_os("RLHF_CUDA_INCLUDE") {
+        return std::env::split_paths(&list).collect();
+    }
+    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|d| PathBuf::from(d).join("include"))
+        .collect();
+    dirs.push(PathBuf::from("/usr/local/cuda/include"));
+    if let Some(nvidia) = Path::new(nvrtc_library).ancestors().nth(3) {
+        for wheel in ["cuda_runtime", "cuda_nvcc"] {
+            dirs.push(nvidia.join(wheel).join("include"));
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// NVRTC's `--include-path` options for [`cuda_include_dirs`].
+pub fn include_options(nvrtc_library: &str) -> Vec<String> {
+    cuda_include_dirs(nvrtc_library)
+        .iter()
+        .map(|d| format!("--include-path={}", d.display()))
+        .collect()
+}
+
 /// A compiled kernel file.
 #[derive(Clone, Debug)]
 pub struct Image {
@@ -121,7 +161,8 @@ pub fn image(
     dir: Option<&Path>,
     use_cache: bool,
 ) -> Result<Image, NvrtcError> {
-    let options = target.options();
+    let mut options = target.options();
+    options.extend(include_options(nvrtc.library()));
     let key = KeyInputs {
         file,
         source,
@@ -148,7 +189,16 @@ pub fn image(
             &options,
             target.output(),
         )
-        .map_err(|e| NvrtcError::Failed(format!("compiling for {}: {e}", target.name())))?;
+        .map_err(|e| {
+            // The one header a file may need from outside: say where it is looked for.
+            let hint = if options.iter().any(|o| o.starts_with("--include-path=")) {
+                ""
+            } else {
+                " (no CUDA include directory found for <mma.h>: set RLHF_CUDA_INCLUDE or \
+                 CUDA_HOME, or pip install nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12)"
+            };
+            NvrtcError::Failed(format!("compiling for {}: {e}{hint}", target.name()))
+        })?;
     if let Some(d) = dir {
         if let Err(e) = cache::write(d, &name, &compiled.image) {
             eprintln!(

@@ -1,14 +1,20 @@
-//! `--device cpu|cuda|auto`: which backend a command runs its kernels on.
+//! `--device cpu|cuda|emu|auto`: which backend a command runs on.
 
 use super::{Cuda, CudaError};
 
 /// The device a command asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// The CPU, whatever is installed.
     Cpu,
     /// CUDA device 0 (select another with `CUDA_VISIBLE_DEVICES`); an error where there is none.
     Cuda,
+    /// The CUDA kernels on the CPU through the emulation shim: the GPU code path without a GPU,
+    /// for checking it (slow: every CUDA thread is a fiber).
+    Emu,
     /// CUDA device 0 where one opens, else the CPU with a one-line notice on stderr.
     #[default]
     Auto,
@@ -21,6 +27,8 @@ pub enum Selected {
     Cpu,
     /// Run on this device.
     Cuda(Box<Cuda>),
+    /// Run the kernels on the emulator.
+    Emu,
 }
 
 /// The notice `--device auto` prints when it falls back to the CPU: why no device opened.
@@ -35,6 +43,7 @@ impl DeviceChoice {
         match self {
             DeviceChoice::Cpu => Ok(Selected::Cpu),
             DeviceChoice::Cuda => Ok(Selected::Cuda(Box::new(Cuda::open(0)?))),
+            DeviceChoice::Emu => Ok(Selected::Emu),
             DeviceChoice::Auto => match Cuda::open(0) {
                 Ok(cuda) => Ok(Selected::Cuda(Box::new(cuda))),
                 Err(e) => {

@@ -4,13 +4,14 @@
 //! [`Cuda`] implements the loss family ([`LossOps`](super::LossOps)) and the log-prob kernels
 //! ([`Cuda::logprobs_forward`], [`Cuda::logprobs_backward`]) through exactly the host code the
 //! emulated backend runs: the launch plans of [`plan`] and the op drivers of [`ops`]. Only
-//! [`Launcher::launch`] differs — a driver call here, the shim there — so the emulated tests
-//! cover everything but that call.
+//! [`Launcher::launch`] and [`Launcher::gemm`] differ — a driver or cuBLAS call here, the shim or
+//! the host GEMM executor there — so the emulated tests cover everything but those calls.
 //!
 //! Opening a device ([`Cuda::open`]): the driver library must load (checked first: cudarc panics
-//! where it is absent), then the kernel files are compiled by NVRTC for the device's architecture
-//! ([`compile::Target`]) or read from the on-disk [`cache`], and loaded. All work is queued on
-//! one stream, in order; reads back to the host wait for it.
+//! where it is absent), then cuBLAS, for the linear layers' GEMMs (checked for the same reason;
+//! one handle, bound to the backend's stream), then the kernel files are compiled by NVRTC for
+//! the device's architecture ([`compile::Target`]) or read from the on-disk [`cache`], and
+//! loaded. All work is queued on one stream, in order; reads back to the host wait for it.
 //!
 //! [`DeviceChoice`] is the `--device cpu|cuda|auto` of the commands that can use a GPU.
 
@@ -22,9 +23,11 @@ pub mod nvrtc;
 pub use compile::Target;
 pub use device::{fallback_notice, DeviceChoice, Selected};
 
+use super::emu::matmul::{Gemm, Trans};
 use super::emu::ops::{self, or_panic, KernelError, Launcher};
 use super::emu::plan::{self, DevPtr, Launch, LogitType};
 use super::Backend;
+use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{
     result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,
@@ -41,6 +44,15 @@ pub enum CudaError {
     /// No driver library (`libcuda.so`) loads: no NVIDIA driver on this machine.
     #[error("no CUDA driver found (libcuda.so could not be loaded)")]
     NoDriver,
+    /// The device opened, but no cuBLAS library (`libcublas.so`) loads.
+    #[error(
+        "no cuBLAS found (libcublas.so.12 could not be loaded): install the CUDA toolkit's cuBLAS \
+         (or `pip install nvidia-cublas-cu12` and put its lib directory on LD_LIBRARY_PATH)"
+    )]
+    NoCublas,
+    /// Creating the cuBLAS handle failed.
+    #[error("creating a cuBLAS handle: {0:?}")]
+    Cublas(cublas::sys::cublasStatus_t),
     /// A driver call failed.
     #[error("{what}: {code:?}")]
     Driver {
@@ -84,6 +96,12 @@ impl CudaError {
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library and closes it again.
     unsafe { sys::is_culib_present() }
+}
+
+/// Whether the cuBLAS library loads on this machine.
+pub fn cublas_present() -> bool {
+    // SAFETY: only tries to dlopen the cuBLAS library and closes it again.
+    unsafe { cublas::sys::is_culib_present() }
 }
 
 /// The message for a compiled kernel file the driver would not load. A PTX-version refusal is
@@ -160,6 +178,8 @@ impl std::fmt::Display for DeviceInfo {
 pub struct Cuda {
     // Declared before `stream` and `ctx`, so the modules unload first.
     functions: HashMap<&'static str, CudaFunction>,
+    // Destroyed before the stream it is bound to.
+    blas: CudaBlas,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     info: DeviceInfo,
@@ -187,6 +207,11 @@ impl Cuda {
         // an allocation is one driver call instead of three.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        // cudarc panics on the first cuBLAS call where the library is absent: check first.
+        if !cublas_present() {
+            return Err(CudaError::NoCublas);
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Cublas(e.0))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(driver_err("reading the compute capability"))?;
@@ -261,6 +286,7 @@ impl Cuda {
         }
         Ok(Cuda {
             functions,
+            blas,
             stream,
             ctx,
             info: DeviceInfo {
@@ -327,15 +353,22 @@ impl Cuda {
     /// A host copy of a device view, once the work queued before is done.
     pub fn download_slice<T: Elem>(&self, v: DevView<'_, T>) -> Result<Vec<T>, KernelError> {
         let mut host = vec![T::default(); v.len];
+        self.copy_to_host(v, &mut host)?;
+        Ok(host)
+    }
+
+    /// Copies a device view into host memory the caller owns (same length), once the work queued
+    /// before is done.
+    pub fn copy_to_host<T: Elem>(&self, v: DevView<'_, T>, dst: &mut [T]) -> Result<(), KernelError> {
+        assert_eq!(v.len, dst.len(), "copy_to_host: view and destination differ in length");
         if v.len > 0 {
             self.bind("copy to host")?;
-            // SAFETY: `v` addresses `v.len` values of T (a view's promise) and `host` holds as
-            // many; the stream is synchronised before `host` is read.
-            unsafe { result::memcpy_dtoh_async(&mut host, v.ptr, self.stream.cu_stream()) }
+            // SAFETY: `v` addresses `v.len` values of T (a view's promise) and `dst` holds as
+            // many; the stream is synchronised before `dst` is read.
+            unsafe { result::memcpy_dtoh_async(dst, v.ptr, self.stream.cu_stream()) }
                 .map_err(fail("copy to host", &format!("{} values", v.len)))?;
         }
-        self.synchronize_stream()?;
-        Ok(host)
+        self.synchronize_stream()
     }
 
     /// `dst = src` on the device (views of the same length).
@@ -723,7 +756,71 @@ unsafe impl Launcher for Cuda {
         unsafe { args.launch(cfg) }.map_err(|e| fail(code(e)))?;
         Ok(())
     }
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), KernelError> {
+        g.validate().map_err(gemm_error)?;
+        if g.is_empty() {
+            return Ok(());
+        }
+        let int = |x: usize, what: &str| {
+            i32::try_from(x).map_err(|_| gemm_error(format!("{what} = {x} exceeds a 32-bit int")))
+        };
+        let long = |x: usize, what: &str| {
+            i64::try_from(x).map_err(|_| gemm_error(format!("{what} = {x} exceeds a 64-bit int")))
+        };
+        let f32_type = cublas::sys::cudaDataType::CUDA_R_32F;
+        self.bind(GEMM)?;
+        // SAFETY: the handle is bound to this backend's stream, so the GEMM is queued after the
+        // work before it; alpha and beta are read from the host during the call (the handle's
+        // default pointer mode); the caller vouches for the operands' memory.
+        unsafe {
+            cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                operation(g.transa),
+                operation(g.transb),
+                int(g.m, "m")?,
+                int(g.n, "n")?,
+                int(g.k, "k")?,
+                (&g.alpha as *const f32).cast(),
+                g.a.0 as *const std::ffi::c_void,
+                f32_type,
+                int(g.lda, "lda")?,
+                long(g.stride_a, "stride_a")?,
+                g.b.0 as *const std::ffi::c_void,
+                f32_type,
+                int(g.ldb, "ldb")?,
+                long(g.stride_b, "stride_b")?,
+                (&g.beta as *const f32).cast(),
+                g.c.0 as *mut std::ffi::c_void,
+                f32_type,
+                int(g.ldc, "ldc")?,
+                long(g.stride_c, "stride_c")?,
+                int(g.batch, "batch")?,
+                // Tensor cores on operands rounded to bf16, accumulating in f32: the f32 master
+                // weights are read as they are, with no bf16 copy kept.
+                cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+                cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| gemm_error(format!("{:?}", e.0)))
+    }
+}
+
+/// The cuBLAS call every [`Gemm`] is.
+const GEMM: &str = "cublasGemmStridedBatchedEx";
+
+fn gemm_error(msg: String) -> KernelError {
+    KernelError { kernel: GEMM, msg }
+}
+
+/// [`Trans`] as cuBLAS's operation.
+fn operation(t: Trans) -> cublas::sys::cublasOperation_t {
+    match t {
+        Trans::N => cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        Trans::T => cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+    }
 }
 
 // The loss family through the shared drivers, with the device as launcher.
 crate::loss_ops_via_launcher!([] Cuda);
+// The model and decode families through the same drivers.
+crate::model_ops_via_launcher!(Cuda);

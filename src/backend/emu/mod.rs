@@ -16,6 +16,7 @@
 
 pub mod elementwise;
 pub mod matmul;
+pub mod model_ops;
 pub mod ops;
 pub mod plan;
 pub mod sampling;
@@ -25,7 +26,7 @@ pub use ops::{KernelError, Launcher};
 pub use shim::has_kernel;
 
 use super::{AttnShape, Backend};
-use plan::{AttnType, DevPtr, Dtype, Launch};
+use plan::{AttnKernel, AttnType, DevPtr, Dtype, Launch};
 use std::cell::Cell;
 use std::ops::Range;
 
@@ -34,6 +35,7 @@ use std::ops::Range;
 pub struct Emu {
     seed: u64,
     drop_sync: u32,
+    f32_gemm: bool,
 }
 
 impl Default for Emu {
@@ -45,7 +47,20 @@ impl Default for Emu {
 impl Emu {
     /// An emulator that orders threads after each barrier from `seed`.
     pub fn with_seed(seed: u64) -> Emu {
-        Emu { seed, drop_sync: 0 }
+        Emu {
+            seed,
+            drop_sync: 0,
+            f32_gemm: false,
+        }
+    }
+
+    /// The same emulator with GEMMs in f32 instead of cuBLAS's bf16 operands: everything else in
+    /// a model then matches the CPU reference to f32 rounding, which tests check tightly.
+    pub fn with_f32_gemm(self) -> Emu {
+        Emu {
+            f32_gemm: true,
+            ..self
+        }
     }
 
     /// The same emulator with each thread's `k`-th `__syncthreads` (1-based) skipped, for tests
@@ -141,10 +156,25 @@ impl Emu {
     }
 
     /// `ModelOps::attention_forward` on the kernels, with activations of any [`AttnType`] (f32 or
-    /// bf16; lse is f32). out: (B·T, NH·HD), lse: (B, NH, T), qkv: (B·T, qkv_width),
+    /// bf16; lse is f32): the tensor-core forward for bf16 at head dims 64 and 128, else the SIMT
+    /// one ([`AttnKernel::Auto`]). out: (B·T, NH·HD), lse: (B, NH, T), qkv: (B·T, qkv_width),
     /// key_mask: (B·T).
     pub fn attention_forward<E: AttnType>(
         &self,
+        out: &mut [E],
+        lse: &mut [f32],
+        qkv: &[E],
+        key_mask: &[bool],
+        shape: AttnShape,
+    ) {
+        self.attention_forward_with(AttnKernel::Auto, out, lse, qkv, key_mask, shape)
+    }
+
+    /// [`Emu::attention_forward`] on the forward `kernel` selects ([`AttnKernel::Simt`] forces
+    /// the SIMT kernel, for comparison).
+    pub fn attention_forward_with<E: AttnType>(
+        &self,
+        kernel: AttnKernel,
         out: &mut [E],
         lse: &mut [f32],
         qkv: &[E],
@@ -160,16 +190,35 @@ impl Emu {
         // SAFETY: every tensor's length was checked against the shape above (the driver checks the
         // shape and the mask), and the slices outlive the call, which runs the kernel to
         // completion.
-        unsafe { ops::attention_forward(self, E::ATTN, p, key_mask, shape) }
+        unsafe { ops::attention_forward_with(self, E::ATTN, kernel, p, key_mask, shape) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// `ModelOps::attention_backward` on the kernels: `dqkv += ∂loss/∂qkv`, all activations of one
-    /// [`AttnType`]. dqkv, qkv: (B·T, qkv_width), dout, out: (B·T, NH·HD), lse: (B, NH, T) from
-    /// the forward, key_mask: (B·T).
+    /// [`AttnType`]; the tensor-core kernels for bf16 at head dims 64 and 128, else the SIMT ones
+    /// ([`AttnKernel::Auto`]). dqkv, qkv: (B·T, qkv_width), dout, out: (B·T, NH·HD), lse:
+    /// (B, NH, T) from the forward, key_mask: (B·T).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<E: AttnType>(
         &self,
+        dqkv: &mut [E],
+        dout: &[E],
+        qkv: &[E],
+        out: &[E],
+        lse: &[f32],
+        key_mask: &[bool],
+        shape: AttnShape,
+    ) {
+        let kernel = AttnKernel::Auto;
+        self.attention_backward_with(kernel, dqkv, dout, qkv, out, lse, key_mask, shape)
+    }
+
+    /// [`Emu::attention_backward`] on the kernels `kernel` selects ([`AttnKernel::Simt`] forces
+    /// the SIMT ones, for comparison).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward_with<E: AttnType>(
+        &self,
+        kernel: AttnKernel,
         dqkv: &mut [E],
         dout: &[E],
         qkv: &[E],
@@ -189,8 +238,8 @@ impl Emu {
             out: ptr(out),
             lse: ptr(lse),
         };
-        // SAFETY: as in `attention_forward`.
-        unsafe { ops::attention_backward(self, E::ATTN, p, key_mask, shape) }
+        // SAFETY: as in `attention_forward_with`.
+        unsafe { ops::attention_backward_with(self, E::ATTN, kernel, p, key_mask, shape) }
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
@@ -231,161 +280,6 @@ impl Emu {
         // SAFETY: as in `attention_forward` (the driver also checks `len <= t_max`).
         unsafe { ops::attention_decode(self, E::ATTN, p, key_mask, shape, len, t_max) }
             .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// `ModelOps::rmsnorm_forward` on the kernels. out, inp: (N, C), rstd: (N), w: (C).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_forward(
-        &self,
-        out: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        w: &[f32],
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) {
-        check_norm_lens(
-            "rmsnorm_forward",
-            n,
-            c,
-            &[out.len(), inp.len()],
-            &[rstd.len()],
-        );
-        assert_eq!(w.len(), c, "rmsnorm_forward: w must be C");
-        let p = plan::NormFwdPtrs {
-            inp: ptr(inp),
-            w: ptr(w),
-            b: DevPtr::NULL,
-            out: mut_ptr(out),
-            mean: DevPtr::NULL,
-            rstd: mut_ptr(rstd),
-        };
-        // SAFETY: every tensor's length was checked against N and C above, and the slices
-        // outlive the call, which runs the kernel to completion.
-        unsafe { ops::norm_forward(self, false, p, n, c, eps) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// `ModelOps::rmsnorm_backward` on the kernels: `dinp += ∂L/∂inp`, `dw += Σ_n dout·x̂`.
-    /// dinp, dout, inp: (N, C), dw, w: (C), rstd: (N) from the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_backward(
-        &self,
-        dinp: &mut [f32],
-        dw: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-        n: usize,
-        c: usize,
-    ) {
-        let op = "rmsnorm_backward";
-        check_norm_lens(
-            op,
-            n,
-            c,
-            &[dinp.len(), dout.len(), inp.len()],
-            &[rstd.len()],
-        );
-        assert!(w.len() == c && dw.len() == c, "{op}: w and dw must be C");
-        let p = plan::NormBwdPtrs {
-            dinp: mut_ptr(dinp),
-            dw: mut_ptr(dw),
-            dout: ptr(dout),
-            inp: ptr(inp),
-            w: ptr(w),
-            mean: DevPtr::NULL,
-            rstd: ptr(rstd),
-        };
-        // SAFETY: as in `rmsnorm_forward`.
-        unsafe { ops::norm_backward(self, p, n, c) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// `ModelOps::layernorm_forward` on the kernels. out, inp: (N, C), mean, rstd: (N),
-    /// w, b: (C).
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_forward(
-        &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        w: &[f32],
-        b: &[f32],
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) {
-        let op = "layernorm_forward";
-        check_norm_lens(op, n, c, &[out.len(), inp.len()], &[mean.len(), rstd.len()]);
-        assert!(w.len() == c && b.len() == c, "{op}: w and b must be C");
-        let p = plan::NormFwdPtrs {
-            inp: ptr(inp),
-            w: ptr(w),
-            b: ptr(b),
-            out: mut_ptr(out),
-            mean: mut_ptr(mean),
-            rstd: mut_ptr(rstd),
-        };
-        // SAFETY: as in `rmsnorm_forward`.
-        unsafe { ops::norm_forward(self, true, p, n, c, eps) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    /// `ModelOps::layernorm_backward` on the kernels: `dinp += ∂L/∂inp`, `dw += Σ_n dout·x̂`
-    /// (the bias gradient is a separate op). dinp, dout, inp: (N, C), dw, w: (C), mean,
-    /// rstd: (N) from the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward(
-        &self,
-        dinp: &mut [f32],
-        dw: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        w: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        n: usize,
-        c: usize,
-    ) {
-        let op = "layernorm_backward";
-        let per_row = [mean.len(), rstd.len()];
-        check_norm_lens(op, n, c, &[dinp.len(), dout.len(), inp.len()], &per_row);
-        assert!(w.len() == c && dw.len() == c, "{op}: w and dw must be C");
-        // A null mean selects the RMSNorm kernels, so an empty batch's dangling pointer must not
-        // be mistaken for one: nothing runs then anyway.
-        if n == 0 || c == 0 {
-            return;
-        }
-        let p = plan::NormBwdPtrs {
-            dinp: mut_ptr(dinp),
-            dw: mut_ptr(dw),
-            dout: ptr(dout),
-            inp: ptr(inp),
-            w: ptr(w),
-            mean: ptr(mean),
-            rstd: ptr(rstd),
-        };
-        // SAFETY: as in `rmsnorm_forward`.
-        unsafe { ops::norm_backward(self, p, n, c) }.unwrap_or_else(|e| panic!("{e}"));
-    }
-}
-
-/// Panics unless every (N, C) buffer holds `n·c` values and every per-row buffer `n` (the CPU
-/// op's messages).
-fn check_norm_lens(op: &str, n: usize, c: usize, nc: &[usize], per_row: &[usize]) {
-    for &len in nc {
-        assert_eq!(
-            len,
-            n * c,
-            "{op}: an (N, C) buffer has {len} elements, expected {n}·{c}"
-        );
-    }
-    for &len in per_row {
-        assert_eq!(
-            len, n,
-            "{op}: a per-row buffer has {len} elements, expected N = {n}"
-        );
     }
 }
 
@@ -551,7 +445,13 @@ unsafe impl Launcher for Emu {
         // SAFETY: forwarded from the caller.
         unsafe { shim::launch(l, self.seed, self.drop_sync) }
     }
+    unsafe fn gemm(&self, g: &matmul::Gemm) -> Result<(), KernelError> {
+        // SAFETY: forwarded from the caller (host memory stands in for device memory).
+        unsafe { matmul::run_on_host(g, !self.f32_gemm) }
+    }
 }
 
 // The loss family through the shared drivers, with the emulator as launcher.
 crate::loss_ops_via_launcher!([] Emu);
+// The model and decode families through the same drivers.
+crate::model_ops_via_launcher!(Emu);

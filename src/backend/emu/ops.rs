@@ -8,7 +8,8 @@
 //! messages) before it launches anything: a kernel trusts its sizes, so this is what makes the
 //! launches sound.
 
-use super::plan::{self, AttnDtype, DevPtr, Dtype, Launch, Whiten};
+use super::matmul::Gemm;
+use super::plan::{self, AttnDtype, AttnKernel, DevPtr, Dtype, Launch, Whiten};
 use crate::backend::loss::{
     Advantages, Aggregation, BtCfg, BtGrad, BtStats, DpoCfg, DpoGrad, DpoInputs, DpoLoss,
     DpoOutputs, DpoStats, GaeCfg, Grad, GroupAdvCfg, GroupAdvStats, GroupBaseline, KlEstimator,
@@ -67,28 +68,38 @@ pub unsafe trait Launcher: Backend {
     /// Every pointer argument addresses memory valid for every access the kernel makes with the
     /// launch's other arguments.
     unsafe fn launch(&self, l: &Launch) -> Result<(), KernelError>;
+    /// Queues a GEMM as cuBLAS runs it with f32 operands and `CUBLAS_COMPUTE_32F_FAST_16BF`
+    /// (operands rounded to bf16, f32 accumulation); a description with no element of C
+    /// ([`Gemm::is_empty`]) runs nothing, and one cuBLAS would reject is an error.
+    ///
+    /// # Safety
+    ///
+    /// `g.a`, `g.b` and `g.c` address f32 memory holding [`Gemm::extent_a`],
+    /// [`Gemm::extent_b`] and [`Gemm::extent_c`] elements, valid until the GEMM is done, with C
+    /// writable and overlapping neither A nor B.
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), KernelError>;
 }
 
 /// Panics unless a view holds `want` elements (a caller's bug, as on the CPU backend).
-fn check_len(what: &str, got: usize, want: usize) {
+pub(crate) fn check_len(what: &str, got: usize, want: usize) {
     assert_eq!(got, want, "{what}: {got} elements, expected {want}");
 }
 
-fn input<B: Launcher>(be: &B, v: B::View<'_>, want: usize, what: &str) -> DevPtr {
+pub(crate) fn input<B: Launcher>(be: &B, v: B::View<'_>, want: usize, what: &str) -> DevPtr {
     check_len(what, be.view_len(v), want);
     be.ptr(v)
 }
 
-fn opt_input<B: Launcher>(be: &B, v: Option<B::View<'_>>, want: usize, what: &str) -> DevPtr {
+pub(crate) fn opt_input<B: Launcher>(be: &B, v: Option<B::View<'_>>, want: usize, what: &str) -> DevPtr {
     v.map_or(DevPtr::NULL, |v| input(be, v, want, what))
 }
 
-fn output<B: Launcher>(be: &B, v: &mut B::ViewMut<'_>, want: usize, what: &str) -> DevPtr {
+pub(crate) fn output<B: Launcher>(be: &B, v: &mut B::ViewMut<'_>, want: usize, what: &str) -> DevPtr {
     check_len(what, be.view_mut_len(v), want);
     be.ptr_mut(v)
 }
 
-fn opt_output<B: Launcher>(
+pub(crate) fn opt_output<B: Launcher>(
     be: &B,
     v: &mut Option<B::ViewMut<'_>>,
     want: usize,
@@ -107,7 +118,7 @@ fn row_counts<B: Launcher>(be: &B, mask: DevPtr, rows: Rows) -> Result<B::Scratc
 }
 
 /// Adds `rows` rows of `k` per-row partial sums in row order on the device; reads the k sums.
-fn finish<B: Launcher>(
+pub(crate) fn finish<B: Launcher>(
     be: &B,
     partials: &B::Scratch,
     rows: usize,
@@ -230,6 +241,7 @@ pub fn policy_loss<B: Launcher>(
         dlogp: opt_output(be, &mut dlogp, n, "policy_loss: dlogp"),
         dentropy: opt_output(be, &mut dentropy, n, "policy_loss: dentropy"),
         partials: be.scratch_ptr(&partials),
+        is_weight: opt_input(be, x.is_weight, n, "policy_loss: is_weight"),
     };
     // SAFETY: every length was checked against `rows` above; the scratch holds B counts and
     // B*POLICY_PARTIALS partial sums.
@@ -504,7 +516,7 @@ pub fn dpo_loss<B: Launcher>(
 
 /// Panics unless every target indexes the vocabulary and the temperature is usable (the CPU op's
 /// checks: a kernel would read out of bounds instead).
-fn check_logprob_args(op: &str, targets: &[u32], n: usize, v: usize, temperature: f32) {
+pub(crate) fn check_logprob_args(op: &str, targets: &[u32], n: usize, v: usize, temperature: f32) {
     check_len(&format!("{op}: targets"), targets.len(), n);
     assert!(
         temperature > 0.0 && temperature.is_finite(),
@@ -565,7 +577,7 @@ pub unsafe fn logprobs_backward<L: Launcher>(
 /// bounds instead): whole query groups per key/value head, as the CPU op demands, a head dim
 /// within [`plan::ATTN_MAX_HEAD_DIM`] (a lane holds four dims of each accumulator row), and one
 /// mask flag per key.
-fn check_attention(op: &str, s: &AttnShape, mask: usize, keys: usize) {
+pub(crate) fn check_attention(op: &str, s: &AttnShape, mask: usize, keys: usize) {
     assert!(
         s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
         "{op}: n_head {} is not a multiple of n_kv_head {}",
@@ -583,25 +595,44 @@ fn check_attention(op: &str, s: &AttnShape, mask: usize, keys: usize) {
 
 /// True when an attention op has nothing to compute, where the CPU op returns at once: no query,
 /// no head, or an empty head (on which the kernels would divide by zero).
-fn attention_is_empty(s: &AttnShape) -> bool {
+pub(crate) fn attention_is_empty(s: &AttnShape) -> bool {
     s.b == 0 || s.t == 0 || s.n_head == 0 || s.head_dim == 0
 }
 
 /// Key flags as the kernels read them: u32 0 (padding) or 1.
-fn upload_mask<L: Launcher>(l: &L, mask: &[bool]) -> Result<L::Scratch, KernelError> {
+pub(crate) fn upload_mask<L: Launcher>(l: &L, mask: &[bool]) -> Result<L::Scratch, KernelError> {
     l.scratch_u32(&mask.iter().map(|&m| m as u32).collect::<Vec<_>>())
 }
 
-/// `ModelOps::attention_forward` for f32 or bf16 activations; the host key mask (B·T) is uploaded
-/// here.
+/// `ModelOps::attention_forward` for f32 or bf16 activations, on the kernel [`AttnKernel::Auto`]
+/// picks (the tensor cores for bf16 at head dims 64 and 128); see [`attention_forward_with`].
+///
+/// # Safety
+///
+/// As for [`attention_forward_with`].
+pub unsafe fn attention_forward<L: Launcher>(
+    l: &L,
+    dtype: AttnDtype,
+    p: plan::AttnFwdPtrs,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    // SAFETY: forwarded from the caller.
+    unsafe { attention_forward_with(l, dtype, AttnKernel::Auto, p, key_mask, s) }
+}
+
+/// `ModelOps::attention_forward` for f32 or bf16 activations on the forward `kernel` selects
+/// (both kernels take the same arguments and give the same results); the host key mask (B·T) is
+/// uploaded here.
 ///
 /// # Safety
 ///
 /// The pointers must address the tensors [`plan::AttnFwdPtrs`] documents for shape `s`, of type
 /// `dtype`, valid for the launch.
-pub unsafe fn attention_forward<L: Launcher>(
+pub unsafe fn attention_forward_with<L: Launcher>(
     l: &L,
     dtype: AttnDtype,
+    kernel: AttnKernel,
     p: plan::AttnFwdPtrs,
     key_mask: &[bool],
     s: AttnShape,
@@ -611,22 +642,46 @@ pub unsafe fn attention_forward<L: Launcher>(
         return Ok(());
     }
     let mask = upload_mask(l, key_mask)?;
-    let launch = plan::attn_fwd(dtype, p, l.scratch_ptr(&mask), s);
-    // SAFETY: the caller vouches for the tensors; the shape was checked above and the B·T mask
-    // flags are uploaded.
+    let mask = l.scratch_ptr(&mask);
+    let launch = if kernel.uses_tensor_cores(dtype, s.head_dim) {
+        plan::attn_fwd_tc(p, mask, s)
+    } else {
+        plan::attn_fwd(dtype, p, mask, s)
+    };
+    // SAFETY: the caller vouches for the tensors; the shape was checked above (the tensor-core
+    // plan checks its head dim) and the B·T mask flags are uploaded.
     unsafe { l.launch(&launch) }
 }
 
-/// `ModelOps::attention_backward` for f32 or bf16 activations (dqkv is added to): D, then dq, then
-/// dk and dv. The host key mask (B·T) is uploaded here, and D kept in scratch memory.
+/// `ModelOps::attention_backward` for f32 or bf16 activations (dqkv is added to), on the kernels
+/// [`AttnKernel::Auto`] picks; see [`attention_backward_with`].
+///
+/// # Safety
+///
+/// As for [`attention_backward_with`].
+pub unsafe fn attention_backward<L: Launcher>(
+    l: &L,
+    dtype: AttnDtype,
+    p: plan::AttnBwdPtrs,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    // SAFETY: forwarded from the caller.
+    unsafe { attention_backward_with(l, dtype, AttnKernel::Auto, p, key_mask, s) }
+}
+
+/// `ModelOps::attention_backward` for f32 or bf16 activations (dqkv is added to) on the kernels
+/// `kernel` selects: D, then dq, then dk and dv. The host key mask (B·T) is uploaded here, and D
+/// kept in scratch memory.
 ///
 /// # Safety
 ///
 /// The pointers must address the tensors [`plan::AttnBwdPtrs`] documents for shape `s`, of type
 /// `dtype`, valid for the launches.
-pub unsafe fn attention_backward<L: Launcher>(
+pub unsafe fn attention_backward_with<L: Launcher>(
     l: &L,
     dtype: AttnDtype,
+    kernel: AttnKernel,
     p: plan::AttnBwdPtrs,
     key_mask: &[bool],
     s: AttnShape,
@@ -639,13 +694,25 @@ pub unsafe fn attention_backward<L: Launcher>(
     // D, (B, NH, T) f32: two values to an 8-byte scratch word.
     let d = l.scratch((s.b * s.n_head * s.t).div_ceil(2))?;
     let (mask, d) = (l.scratch_ptr(&mask), l.scratch_ptr(&d));
-    // SAFETY: the caller vouches for the tensors; the shape was checked above, the B·T mask flags
-    // are uploaded, and the scratch holds B·NH·T f32 values for D, which the first launch writes
-    // whole before the others read it (launches run in order).
+    let (dq, dkdv) = if kernel.uses_tensor_cores(dtype, s.head_dim) {
+        (
+            plan::attn_bwd_dq_tc(p, mask, d, s),
+            plan::attn_bwd_dkdv_tc(p, mask, d, s),
+        )
+    } else {
+        (
+            plan::attn_bwd_dq(dtype, p, mask, d, s),
+            plan::attn_bwd_dkdv(dtype, p, mask, d, s),
+        )
+    };
+    // SAFETY: the caller vouches for the tensors; the shape was checked above (the tensor-core
+    // plans check their head dim), the B·T mask flags are uploaded, and the scratch holds B·NH·T
+    // f32 values for D, which the first launch writes whole before the others read it (launches
+    // run in order).
     unsafe {
         l.launch(&plan::attn_bwd_dot(dtype, p, s, d))?;
-        l.launch(&plan::attn_bwd_dq(dtype, p, mask, d, s))?;
-        l.launch(&plan::attn_bwd_dkdv(dtype, p, mask, d, s))
+        l.launch(&dq)?;
+        l.launch(&dkdv)
     }
 }
 

@@ -103,6 +103,7 @@ kernels! {
     SUM_PARTIALS_F64 = "reduce.cu" / sum_partials_f64;
     ATTN_FWD_F32 = "attention.cu" / attn_fwd_f32;
     ATTN_FWD_BF16 = "attention.cu" / attn_fwd_bf16;
+    ATTN_FWD_TC_BF16 = "attention.cu" / attn_fwd_tc_bf16;
     ATTN_DECODE_F32 = "attention.cu" / attn_decode_f32;
     ATTN_DECODE_BF16 = "attention.cu" / attn_decode_bf16;
     ATTN_BWD_DOT_F32 = "attention.cu" / attn_bwd_dot_f32;
@@ -111,12 +112,31 @@ kernels! {
     ATTN_BWD_DQ_BF16 = "attention.cu" / attn_bwd_dq_bf16;
     ATTN_BWD_DKDV_F32 = "attention.cu" / attn_bwd_dkdv_f32;
     ATTN_BWD_DKDV_BF16 = "attention.cu" / attn_bwd_dkdv_bf16;
+    ATTN_BWD_DQ_TC_BF16 = "attention.cu" / attn_bwd_dq_tc_bf16;
+    ATTN_BWD_DKDV_TC_BF16 = "attention.cu" / attn_bwd_dkdv_tc_bf16;
     RMSNORM_FWD_F32 = "norm.cu" / rmsnorm_fwd_f32;
     LAYERNORM_FWD_F32 = "norm.cu" / layernorm_fwd_f32;
     RMSNORM_BWD_DX_F32 = "norm.cu" / rmsnorm_bwd_dx_f32;
     LAYERNORM_BWD_DX_F32 = "norm.cu" / layernorm_bwd_dx_f32;
     NORM_DW_PARTIAL_F32 = "norm.cu" / norm_dw_partial_f32;
     NORM_DW_SUM_F32 = "norm.cu" / norm_dw_sum_f32;
+    SAMPLE_F32 = "sampling.cu" / sample_f32;
+    BIAS_ROWS_F32 = "matmul.cu" / bias_rows_f32;
+    BIAS_GRAD_PARTIAL_F32 = "matmul.cu" / bias_grad_partial_f32;
+    BIAS_GRAD_SUM_F32 = "matmul.cu" / bias_grad_sum_f32;
+    ADD_F32 = "elementwise.cu" / add_f32;
+    ADD_INPLACE_F32 = "elementwise.cu" / add_inplace_f32;
+    SCALE_F32 = "elementwise.cu" / scale_f32;
+    GELU_FWD_F32 = "elementwise.cu" / gelu_fwd_f32;
+    GELU_BWD_F32 = "elementwise.cu" / gelu_bwd_f32;
+    SWIGLU_FWD_F32 = "elementwise.cu" / swiglu_fwd_f32;
+    SWIGLU_BWD_F32 = "elementwise.cu" / swiglu_bwd_f32;
+    KV_CACHE_STORE_F32 = "elementwise.cu" / kv_cache_store_f32;
+    EMBEDDING_FWD_F32 = "embedding.cu" / embedding_fwd_f32;
+    EMBEDDING_BWD_F32 = "embedding.cu" / embedding_bwd_f32;
+    ROPE_F32 = "rope.cu" / rope_f32;
+    SUM_SQUARES_F32 = "optim.cu" / sum_squares_f32;
+    ADAMW_F32 = "optim.cu" / adamw_f32;
 }
 
 /// Threads per block of the row-wise loss kernels (one block per sequence): rows are tens to a few
@@ -146,6 +166,11 @@ pub const ATTN_BQ_BWD: usize = 32;
 /// The largest head dim the attention kernels take (`ATTN_MAX_HEAD_DIM`): a lane holds 4 of the
 /// dims of each accumulator row.
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
+/// Query rows per block of `attn_fwd_tc_bf16` and `attn_bwd_dq_tc_bf16`, and keys per block of
+/// `attn_bwd_dkdv_tc_bf16` (`ATTN_TC_BQ`): one 16-row wmma tile per warp.
+pub const ATTN_TC_BQ: usize = 64;
+/// The head dims the tensor-core kernels take; other head dims run the SIMT ones.
+pub const ATTN_TC_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Threads per block of the norm kernels: one block per row of C values (768 to a few thousand in
 /// the models served), and one column per thread in the weight-gradient kernels.
@@ -180,7 +205,7 @@ pub struct Launch {
 }
 
 impl Launch {
-    fn new(kernel: Kernel, blocks: usize, threads: u32, args: Vec<Arg>) -> Launch {
+    pub(crate) fn new(kernel: Kernel, blocks: usize, threads: u32, args: Vec<Arg>) -> Launch {
         let blocks = u32::try_from(blocks).unwrap_or_else(|_| {
             panic!(
                 "{}: {blocks} blocks exceed a grid's x dimension",
@@ -234,7 +259,7 @@ pub fn pack_u32_words(data: &[u32]) -> Vec<u64> {
 }
 
 /// A size as a kernel's `int`; panics past `i32::MAX`, far beyond any batch this engine forms.
-fn int(x: usize, what: &str) -> Arg {
+pub(crate) fn int(x: usize, what: &str) -> Arg {
     Arg::I32(
         i32::try_from(x).unwrap_or_else(|_| panic!("{what} = {x} exceeds a kernel's 32-bit index")),
     )
@@ -520,11 +545,13 @@ pub struct PolicyPtrs {
     pub dentropy: DevPtr,
     /// (B, [`POLICY_PARTIALS`]) f64.
     pub partials: DevPtr,
+    /// (B*T) truncated importance-sampling weights, or null.
+    pub is_weight: DevPtr,
 }
 
 /// `policy_loss_f32(logp, logp_old, adv, adv_per_seq, logp_ref, entropy, mask, counts, rows, T,
 /// clip_lo, clip_hi, dual_clip, dual_c, kl_coef, entropy_coef, agg, agg_param, dloss, per_token,
-/// dlogp, dentropy, partials)`: one block per row.
+/// dlogp, dentropy, partials, is_weight)`: one block per row.
 pub fn policy_loss(p: PolicyPtrs, rows: Rows, cfg: &PolicyLossCfg, dloss: f32) -> Launch {
     let [agg, agg_param] = aggregation(cfg.agg);
     // The clip bounds in f64 before the one rounding, as the reference forms them.
@@ -554,6 +581,7 @@ pub fn policy_loss(p: PolicyPtrs, rows: Rows, cfg: &PolicyLossCfg, dloss: f32) -
         Arg::Ptr(p.dlogp),
         Arg::Ptr(p.dentropy),
         Arg::Ptr(p.partials),
+        Arg::Ptr(p.is_weight),
     ];
     Launch::new(POLICY_LOSS_F32, rows.b, ROW_BLOCK, args)
 }
@@ -878,6 +906,60 @@ fn attn_dkdv_smem(hd: usize) -> usize {
     2 * (ATTN_BKV + ATTN_BQ_BWD) * hd + 2 * ATTN_BKV * ATTN_BQ_BWD
 }
 
+/// Keys per tile of `attn_fwd_tc_bf16` and `attn_bwd_dq_tc_bf16`, and queries per tile of
+/// `attn_bwd_dkdv_tc_bf16`, at head dim `hd` (their template argument BK or BQ): 32 at 64, 16 at
+/// 128, where 32 would not fit the shared memory in 48 KB.
+fn attn_tc_bk(hd: usize) -> usize {
+    if hd == 64 {
+        32
+    } else {
+        16
+    }
+}
+
+/// f32 values of dynamic shared memory of `attn_fwd_tc_bf16`: O [ATTN_TC_BQ][HD] and S
+/// [ATTN_TC_BQ][BK] f32; K and V [BK][HD] and P [ATTN_TC_BQ][BK] bf16, two to an f32. 46 KB at
+/// HD = 128.
+fn attn_fwd_tc_smem(hd: usize) -> usize {
+    let bk = attn_tc_bk(hd);
+    ATTN_TC_BQ * (hd + bk) + (2 * bk * hd + ATTN_TC_BQ * bk) / 2
+}
+
+/// f32 values of dynamic shared memory of `attn_bwd_dq_tc_bf16`: a union of [ATTN_TC_BQ][HD] f32
+/// (q and dO staging, the K and V tiles, dQ staging), S and dP [ATTN_TC_BQ][BK] f32, dS
+/// [ATTN_TC_BQ][BK] bf16. 42 KB at HD = 128.
+fn attn_bwd_tc_dq_smem(hd: usize) -> usize {
+    let bk = attn_tc_bk(hd);
+    ATTN_TC_BQ * hd + 2 * ATTN_TC_BQ * bk + ATTN_TC_BQ * bk / 2
+}
+
+/// f32 values of dynamic shared memory of `attn_bwd_dkdv_tc_bf16`: K and V [ATTN_TC_BQ][HD] bf16
+/// (later the dK/dV staging in f32), q and dO [BQ][HD] bf16, Sᵀ/dPᵀ [ATTN_TC_BQ][BQ] f32, Pᵀ/dSᵀ
+/// [ATTN_TC_BQ][BQ] bf16. 46 KB at HD = 128.
+fn attn_bwd_tc_dkdv_smem(hd: usize) -> usize {
+    let bq = attn_tc_bk(hd);
+    ATTN_TC_BQ * hd + bq * hd + ATTN_TC_BQ * bq + ATTN_TC_BQ * bq / 2
+}
+
+/// Which attention kernels run: the tensor-core ones where they apply, or the SIMT ones, forced
+/// (for comparison).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The tensor-core kernels for bf16 at the head dims they take ([`ATTN_TC_HEAD_DIMS`]), else
+    /// the SIMT ones.
+    #[default]
+    Auto,
+    /// The SIMT kernels, whatever the type and head dim.
+    Simt,
+}
+
+impl AttnKernel {
+    /// Whether the forward and backward of `dtype` at head dim `hd` run on the tensor cores.
+    pub fn uses_tensor_cores(self, dtype: AttnDtype, hd: usize) -> bool {
+        self == AttnKernel::Auto && dtype == AttnDtype::Bf16 && ATTN_TC_HEAD_DIMS.contains(&hd)
+    }
+}
+
 /// The shape arguments `T, NH, KVH, HD` the attention kernels share.
 fn attn_dims(s: &AttnShape) -> [Arg; 4] {
     [
@@ -908,6 +990,28 @@ pub fn attn_fwd(dtype: AttnDtype, p: AttnFwdPtrs, key_mask: DevPtr, s: AttnShape
     let blocks = s.b * s.n_head * s.t.div_ceil(ATTN_BQ);
     let kernel = dtype.pick(ATTN_FWD_F32, ATTN_FWD_BF16);
     Launch::new(kernel, blocks, ATTN_THREADS, args).with_shared_f32(attn_fwd_smem(s.head_dim))
+}
+
+/// `attn_fwd_tc_bf16(qkv, key_mask, T, NH, KVH, HD, scale, out, lse)`, the tensor-core forward
+/// with `attn_fwd_bf16`'s arguments and results: one block per [`ATTN_TC_BQ`] query rows of a
+/// (sequence, head). Panics unless HD is one of [`ATTN_TC_HEAD_DIMS`].
+pub fn attn_fwd_tc(p: AttnFwdPtrs, key_mask: DevPtr, s: AttnShape) -> Launch {
+    check_tc_head_dim(ATTN_FWD_TC_BF16, s.head_dim);
+    let mut args = vec![Arg::Ptr(p.qkv), Arg::Ptr(key_mask)];
+    args.extend(attn_dims(&s));
+    args.extend([attn_scale(s.head_dim), Arg::Ptr(p.out), Arg::Ptr(p.lse)]);
+    let blocks = s.b * s.n_head * s.t.div_ceil(ATTN_TC_BQ);
+    Launch::new(ATTN_FWD_TC_BF16, blocks, ATTN_THREADS, args)
+        .with_shared_f32(attn_fwd_tc_smem(s.head_dim))
+}
+
+/// Panics unless `kernel` (a tensor-core kernel) takes head dim `hd`.
+fn check_tc_head_dim(kernel: Kernel, hd: usize) {
+    assert!(
+        ATTN_TC_HEAD_DIMS.contains(&hd),
+        "{}: head_dim {hd} is not one of {ATTN_TC_HEAD_DIMS:?}",
+        kernel.name
+    );
 }
 
 /// Pointers of `attn_decode_*` (its key mask comes separately, as for the forward).
@@ -1040,6 +1144,28 @@ pub fn attn_bwd_dkdv(
         attn_bwd_args(p, key_mask, d, &s),
     )
     .with_shared_f32(attn_dkdv_smem(s.head_dim))
+}
+
+/// `attn_bwd_dq_tc_bf16`, the tensor-core dQ with `attn_bwd_dq_bf16`'s arguments and results: one
+/// block per [`ATTN_TC_BQ`] query rows of a (sequence, head); D from [`attn_bwd_dot`]. Panics
+/// unless HD is one of [`ATTN_TC_HEAD_DIMS`].
+pub fn attn_bwd_dq_tc(p: AttnBwdPtrs, key_mask: DevPtr, d: DevPtr, s: AttnShape) -> Launch {
+    check_tc_head_dim(ATTN_BWD_DQ_TC_BF16, s.head_dim);
+    let blocks = s.b * s.n_head * s.t.div_ceil(ATTN_TC_BQ);
+    let args = attn_bwd_args(p, key_mask, d, &s);
+    Launch::new(ATTN_BWD_DQ_TC_BF16, blocks, ATTN_THREADS, args)
+        .with_shared_f32(attn_bwd_tc_dq_smem(s.head_dim))
+}
+
+/// `attn_bwd_dkdv_tc_bf16`, the tensor-core dK/dV with `attn_bwd_dkdv_bf16`'s arguments and
+/// results: one block per [`ATTN_TC_BQ`] keys of a (sequence, key/value head); D from
+/// [`attn_bwd_dot`]. Panics unless HD is one of [`ATTN_TC_HEAD_DIMS`].
+pub fn attn_bwd_dkdv_tc(p: AttnBwdPtrs, key_mask: DevPtr, d: DevPtr, s: AttnShape) -> Launch {
+    check_tc_head_dim(ATTN_BWD_DKDV_TC_BF16, s.head_dim);
+    let blocks = s.b * s.n_kv_head * s.t.div_ceil(ATTN_TC_BQ);
+    let args = attn_bwd_args(p, key_mask, d, &s);
+    Launch::new(ATTN_BWD_DKDV_TC_BF16, blocks, ATTN_THREADS, args)
+        .with_shared_f32(attn_bwd_tc_dkdv_smem(s.head_dim))
 }
 
 /// Pointers of the norm forwards: (N, C) input and output, (C) weight and bias, (N) statistics.

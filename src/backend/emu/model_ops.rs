@@ -1,0 +1,610 @@
+//! The model and decode families ([`ModelOps`](crate::backend::ModelOps),
+//! [`DecodeOps`](crate::backend::DecodeOps)) on the kernels, for every [`Launcher`]: the emulated
+//! backend and the device backend implement them with one expansion of
+//! [`model_ops_via_launcher!`](crate::model_ops_via_launcher), so they cannot drift apart.
+//!
+//! The drivers of the matmul ([`super::matmul`]) and element-wise ([`super::elementwise`]) kernels
+//! already take views; this module adds view-taking drivers for the norm, attention and log-prob
+//! kernels, whose pointer-level drivers in [`super::ops`] also serve bf16 activations.
+//!
+//! Precision: buffers are f32 (the trait's), GEMMs round their operands to bf16 and accumulate
+//! in f32 (cuBLAS's `COMPUTE_32F_FAST_16BF`; see [`super::matmul`]), everything else is f32. The
+//! parameters are the f32 master weights AdamW updates; the GEMMs' rounding is the model's bf16
+//! copy, made as each product reads them.
+
+use super::ops::{self, input, output, KernelError, Launcher};
+use super::plan::{self, AttnDtype, DevPtr, Dtype};
+use crate::backend::AttnShape;
+
+/// `ModelOps::layernorm_forward` on the kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward<L: Launcher>(
+    l: &L,
+    mut out: L::ViewMut<'_>,
+    mut mean: L::ViewMut<'_>,
+    mut rstd: L::ViewMut<'_>,
+    inp: L::View<'_>,
+    w: L::View<'_>,
+    b: L::View<'_>,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), KernelError> {
+    let p = plan::NormFwdPtrs {
+        inp: input(l, inp, n * c, "layernorm_forward: inp"),
+        w: input(l, w, c, "layernorm_forward: w"),
+        b: input(l, b, c, "layernorm_forward: b"),
+        out: output(l, &mut out, n * c, "layernorm_forward: out"),
+        mean: output(l, &mut mean, n, "layernorm_forward: mean"),
+        rstd: output(l, &mut rstd, n, "layernorm_forward: rstd"),
+    };
+    // SAFETY: every length was checked against N and C above.
+    unsafe { ops::norm_forward(l, true, p, n, c, eps) }
+}
+
+/// `ModelOps::layernorm_backward` on the kernels (dinp and dw are added to).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward<L: Launcher>(
+    l: &L,
+    mut dinp: L::ViewMut<'_>,
+    mut dw: L::ViewMut<'_>,
+    dout: L::View<'_>,
+    inp: L::View<'_>,
+    w: L::View<'_>,
+    mean: L::View<'_>,
+    rstd: L::View<'_>,
+    n: usize,
+    c: usize,
+) -> Result<(), KernelError> {
+    let p = plan::NormBwdPtrs {
+        dinp: output(l, &mut dinp, n * c, "layernorm_backward: dinp"),
+        dw: output(l, &mut dw, c, "layernorm_backward: dw"),
+        dout: input(l, dout, n * c, "layernorm_backward: dout"),
+        inp: input(l, inp, n * c, "layernorm_backward: inp"),
+        w: input(l, w, c, "layernorm_backward: w"),
+        mean: input(l, mean, n, "layernorm_backward: mean"),
+        rstd: input(l, rstd, n, "layernorm_backward: rstd"),
+    };
+    // A null mean selects the RMSNorm kernels: an empty view's address may be null, but then
+    // there is nothing to launch anyway.
+    if n == 0 || c == 0 {
+        return Ok(());
+    }
+    // SAFETY: every length was checked against N and C above.
+    unsafe { ops::norm_backward(l, p, n, c) }
+}
+
+/// `ModelOps::rmsnorm_forward` on the kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward<L: Launcher>(
+    l: &L,
+    mut out: L::ViewMut<'_>,
+    mut rstd: L::ViewMut<'_>,
+    inp: L::View<'_>,
+    w: L::View<'_>,
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), KernelError> {
+    let p = plan::NormFwdPtrs {
+        inp: input(l, inp, n * c, "rmsnorm_forward: inp"),
+        w: input(l, w, c, "rmsnorm_forward: w"),
+        b: DevPtr::NULL,
+        out: output(l, &mut out, n * c, "rmsnorm_forward: out"),
+        mean: DevPtr::NULL,
+        rstd: output(l, &mut rstd, n, "rmsnorm_forward: rstd"),
+    };
+    // SAFETY: every length was checked against N and C above.
+    unsafe { ops::norm_forward(l, false, p, n, c, eps) }
+}
+
+/// `ModelOps::rmsnorm_backward` on the kernels (dinp and dw are added to).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward<L: Launcher>(
+    l: &L,
+    mut dinp: L::ViewMut<'_>,
+    mut dw: L::ViewMut<'_>,
+    dout: L::View<'_>,
+    inp: L::View<'_>,
+    w: L::View<'_>,
+    rstd: L::View<'_>,
+    n: usize,
+    c: usize,
+) -> Result<(), KernelError> {
+    let p = plan::NormBwdPtrs {
+        dinp: output(l, &mut dinp, n * c, "rmsnorm_backward: dinp"),
+        dw: output(l, &mut dw, c, "rmsnorm_backward: dw"),
+        dout: input(l, dout, n * c, "rmsnorm_backward: dout"),
+        inp: input(l, inp, n * c, "rmsnorm_backward: inp"),
+        w: input(l, w, c, "rmsnorm_backward: w"),
+        mean: DevPtr::NULL,
+        rstd: input(l, rstd, n, "rmsnorm_backward: rstd"),
+    };
+    // SAFETY: every length was checked against N and C above.
+    unsafe { ops::norm_backward(l, p, n, c) }
+}
+
+/// The forward's pointers; panics unless qkv, out and lse hold what `s` says.
+fn attention_fwd_ptrs<L: Launcher>(
+    l: &L,
+    s: &AttnShape,
+    qkv: L::View<'_>,
+    out: &mut L::ViewMut<'_>,
+    lse: &mut L::ViewMut<'_>,
+) -> plan::AttnFwdPtrs {
+    let n = s.b * s.t;
+    plan::AttnFwdPtrs {
+        qkv: input(l, qkv, n * s.qkv_width(), "attention_forward: qkv"),
+        out: output(l, out, n * s.out_width(), "attention_forward: out"),
+        lse: output(l, lse, s.b * s.n_head * s.t, "attention_forward: lse"),
+    }
+}
+
+/// `ModelOps::attention_forward` on the kernels, f32 activations.
+pub fn attention_forward<L: Launcher>(
+    l: &L,
+    mut out: L::ViewMut<'_>,
+    mut lse: L::ViewMut<'_>,
+    qkv: L::View<'_>,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    let p = attention_fwd_ptrs(l, &s, qkv, &mut out, &mut lse);
+    // SAFETY: every length was checked against the shape above (the driver checks the mask).
+    unsafe { ops::attention_forward(l, AttnDtype::F32, p, key_mask, s) }
+}
+
+/// `ModelOps::attention_backward` on the kernels, f32 activations (dqkv is added to).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<L: Launcher>(
+    l: &L,
+    mut dqkv: L::ViewMut<'_>,
+    dout: L::View<'_>,
+    qkv: L::View<'_>,
+    out: L::View<'_>,
+    lse: L::View<'_>,
+    key_mask: &[bool],
+    s: AttnShape,
+) -> Result<(), KernelError> {
+    let n = s.b * s.t;
+    let p = plan::AttnBwdPtrs {
+        dqkv: output(l, &mut dqkv, n * s.qkv_width(), "attention_backward: dqkv"),
+        dout: input(l, dout, n * s.out_width(), "attention_backward: dout"),
+        qkv: input(l, qkv, n * s.qkv_width(), "attention_backward: qkv"),
+        out: input(l, out, n * s.out_width(), "attention_backward: out"),
+        lse: input(l, lse, s.b * s.n_head * s.t, "attention_backward: lse"),
+    };
+    // SAFETY: every length was checked against the shape above (the driver checks the mask).
+    unsafe { ops::attention_backward(l, AttnDtype::F32, p, key_mask, s) }
+}
+
+/// `DecodeOps::attention_decode` on the kernels, f32 activations and cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<L: Launcher>(
+    l: &L,
+    mut out: L::ViewMut<'_>,
+    qkv: L::View<'_>,
+    k_cache: L::View<'_>,
+    v_cache: L::View<'_>,
+    key_mask: &[bool],
+    s: AttnShape,
+    len: usize,
+    t_max: usize,
+) -> Result<(), KernelError> {
+    let cache = s.b * s.n_kv_head * t_max * s.head_dim;
+    let p = plan::AttnDecodePtrs {
+        qkv: input(l, qkv, s.b * s.qkv_width(), "attention_decode: qkv"),
+        k_cache: input(l, k_cache, cache, "attention_decode: k_cache"),
+        v_cache: input(l, v_cache, cache, "attention_decode: v_cache"),
+        out: output(l, &mut out, s.b * s.out_width(), "attention_decode: out"),
+    };
+    // SAFETY: every length was checked against the shape above (the driver checks the mask and
+    // `len <= t_max`).
+    unsafe { ops::attention_decode(l, AttnDtype::F32, p, key_mask, s, len, t_max) }
+}
+
+/// `ModelOps::logprobs_forward` on the kernels, f32 logits.
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs_forward<L: Launcher>(
+    l: &L,
+    mut logp: L::ViewMut<'_>,
+    entropy: Option<L::ViewMut<'_>>,
+    mut lse: L::ViewMut<'_>,
+    logits: L::View<'_>,
+    targets: &[u32],
+    n: usize,
+    v: usize,
+    temperature: f32,
+) -> Result<(), KernelError> {
+    let mut entropy = entropy;
+    let p = plan::LogprobFwdPtrs {
+        logits: input(l, logits, n * v, "logprobs_forward: logits"),
+        logp: output(l, &mut logp, n, "logprobs_forward: logp"),
+        entropy: ops::opt_output(l, &mut entropy, n, "logprobs_forward: entropy"),
+        lse: output(l, &mut lse, n, "logprobs_forward: lse"),
+    };
+    // SAFETY: every length was checked against N and V above (the driver checks the targets).
+    unsafe { ops::logprobs_forward(l, Dtype::F32, p, targets, n, v, temperature) }
+}
+
+/// `ModelOps::logprobs_backward` on the kernels, f32 logits (dlogits is added to).
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs_backward<L: Launcher>(
+    l: &L,
+    mut dlogits: L::ViewMut<'_>,
+    logits: L::View<'_>,
+    targets: &[u32],
+    lse: L::View<'_>,
+    dlogp: L::View<'_>,
+    dentropy: Option<L::View<'_>>,
+    n: usize,
+    v: usize,
+    temperature: f32,
+) -> Result<(), KernelError> {
+    let p = plan::LogprobBwdPtrs {
+        dlogits: output(l, &mut dlogits, n * v, "logprobs_backward: dlogits"),
+        logits: input(l, logits, n * v, "logprobs_backward: logits"),
+        lse: input(l, lse, n, "logprobs_backward: lse"),
+        dlogp: input(l, dlogp, n, "logprobs_backward: dlogp"),
+        dentropy: ops::opt_input(l, dentropy, n, "logprobs_backward: dentropy"),
+    };
+    // SAFETY: every length was checked against N and V above (the driver checks the targets).
+    unsafe { ops::logprobs_backward(l, Dtype::F32, p, targets, n, v, temperature) }
+}
+
+/// `impl ModelOps` and `impl DecodeOps for $ty` by the view drivers of the kernels, with `$ty` as
+/// the launcher; a launch failure panics, as the trait's ops are infallible.
+#[macro_export]
+macro_rules! model_ops_via_launcher {
+    ($ty:ty) => {
+        $crate::model_ops_via_launcher!(@model $ty);
+        $crate::model_ops_via_launcher!(@decode $ty);
+    };
+    (@model $ty:ty) => {
+        impl $crate::backend::ModelOps for $ty {
+            fn embedding_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                table: Self::View<'_>,
+                ids: &[u32],
+                c: usize,
+                accumulate: bool,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::embedding_forward(
+                        self, out, table, ids, c, accumulate,
+                    ),
+                )
+            }
+            fn embedding_backward(
+                &self,
+                dtable: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                ids: &[u32],
+                c: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::embedding_backward(self, dtable, dout, ids, c),
+                )
+            }
+            fn matmul_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                bias: Option<Self::View<'_>>,
+                n: usize,
+                c: usize,
+                oc: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::matmul::matmul_forward(
+                    self, out, inp, w, bias, n, c, oc,
+                ))
+            }
+            fn matmul_backward(
+                &self,
+                dinp: Option<Self::ViewMut<'_>>,
+                dw: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                n: usize,
+                c: usize,
+                oc: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::matmul::matmul_backward(
+                    self, dinp, dw, dout, inp, w, n, c, oc,
+                ))
+            }
+            fn bias_backward(
+                &self,
+                dbias: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                n: usize,
+                oc: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::matmul::bias_backward(
+                    self, dbias, dout, n, oc,
+                ))
+            }
+            fn layernorm_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                mean: Self::ViewMut<'_>,
+                rstd: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                b: Self::View<'_>,
+                n: usize,
+                c: usize,
+                eps: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::layernorm_forward(
+                        self, out, mean, rstd, inp, w, b, n, c, eps,
+                    ),
+                )
+            }
+            fn layernorm_backward(
+                &self,
+                dinp: Self::ViewMut<'_>,
+                dw: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                mean: Self::View<'_>,
+                rstd: Self::View<'_>,
+                n: usize,
+                c: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::layernorm_backward(
+                        self, dinp, dw, dout, inp, w, mean, rstd, n, c,
+                    ),
+                )
+            }
+            fn rmsnorm_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                rstd: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                n: usize,
+                c: usize,
+                eps: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::rmsnorm_forward(
+                        self, out, rstd, inp, w, n, c, eps,
+                    ),
+                )
+            }
+            fn rmsnorm_backward(
+                &self,
+                dinp: Self::ViewMut<'_>,
+                dw: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                inp: Self::View<'_>,
+                w: Self::View<'_>,
+                rstd: Self::View<'_>,
+                n: usize,
+                c: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::rmsnorm_backward(
+                        self, dinp, dw, dout, inp, w, rstd, n, c,
+                    ),
+                )
+            }
+            fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::gelu_forward(self, out, inp),
+                )
+            }
+            fn gelu_backward(
+                &self,
+                dinp: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                dout: Self::View<'_>,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::gelu_backward(self, dinp, inp, dout),
+                )
+            }
+            fn swiglu_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                n: usize,
+                i: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::swiglu_forward(self, out, inp, n, i),
+                )
+            }
+            fn swiglu_backward(
+                &self,
+                dinp: Self::ViewMut<'_>,
+                inp: Self::View<'_>,
+                dout: Self::View<'_>,
+                n: usize,
+                i: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::swiglu_backward(self, dinp, inp, dout, n, i),
+                )
+            }
+            fn rope_forward(
+                &self,
+                qkv: Self::ViewMut<'_>,
+                pos: &[u32],
+                shape: $crate::backend::AttnShape,
+                theta: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::rope_forward(self, qkv, pos, shape, theta),
+                )
+            }
+            fn rope_backward(
+                &self,
+                dqkv: Self::ViewMut<'_>,
+                pos: &[u32],
+                shape: $crate::backend::AttnShape,
+                theta: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::rope_backward(self, dqkv, pos, shape, theta),
+                )
+            }
+            fn attention_forward(
+                &self,
+                out: Self::ViewMut<'_>,
+                lse: Self::ViewMut<'_>,
+                qkv: Self::View<'_>,
+                key_mask: &[bool],
+                shape: $crate::backend::AttnShape,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::attention_forward(
+                        self, out, lse, qkv, key_mask, shape,
+                    ),
+                )
+            }
+            fn attention_backward(
+                &self,
+                dqkv: Self::ViewMut<'_>,
+                dout: Self::View<'_>,
+                qkv: Self::View<'_>,
+                out: Self::View<'_>,
+                lse: Self::View<'_>,
+                key_mask: &[bool],
+                shape: $crate::backend::AttnShape,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::attention_backward(
+                        self, dqkv, dout, qkv, out, lse, key_mask, shape,
+                    ),
+                )
+            }
+            fn add(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::add(self, out, a, b),
+                )
+            }
+            fn add_inplace(&self, acc: Self::ViewMut<'_>, x: Self::View<'_>) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::add_inplace(self, acc, x),
+                )
+            }
+            fn scale(&self, x: Self::ViewMut<'_>, s: f32) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::scale(self, x, s),
+                )
+            }
+            fn logprobs_forward(
+                &self,
+                logp: Self::ViewMut<'_>,
+                entropy: Option<Self::ViewMut<'_>>,
+                lse: Self::ViewMut<'_>,
+                logits: Self::View<'_>,
+                targets: &[u32],
+                n: usize,
+                v: usize,
+                temperature: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::logprobs_forward(
+                        self, logp, entropy, lse, logits, targets, n, v, temperature,
+                    ),
+                )
+            }
+            fn logprobs_backward(
+                &self,
+                dlogits: Self::ViewMut<'_>,
+                logits: Self::View<'_>,
+                targets: &[u32],
+                lse: Self::View<'_>,
+                dlogp: Self::View<'_>,
+                dentropy: Option<Self::View<'_>>,
+                n: usize,
+                v: usize,
+                temperature: f32,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::logprobs_backward(
+                        self, dlogits, logits, targets, lse, dlogp, dentropy, n, v, temperature,
+                    ),
+                )
+            }
+            fn sum_squares(&self, x: Self::View<'_>) -> f64 {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::sum_squares(self, x),
+                )
+            }
+            fn adamw(
+                &self,
+                params: Self::ViewMut<'_>,
+                grads: Self::View<'_>,
+                m: Self::ViewMut<'_>,
+                v: Self::ViewMut<'_>,
+                h: $crate::backend::AdamW,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::adamw(self, params, grads, m, v, h),
+                )
+            }
+        }
+    };
+    (@decode $ty:ty) => {
+        impl $crate::backend::DecodeOps for $ty {
+            fn kv_cache_store(
+                &self,
+                k_cache: Self::ViewMut<'_>,
+                v_cache: Self::ViewMut<'_>,
+                qkv: Self::View<'_>,
+                shape: $crate::backend::AttnShape,
+                t0: usize,
+                t_max: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::elementwise::kv_cache_store(
+                        self, k_cache, v_cache, qkv, shape, t0, t_max,
+                    ),
+                )
+            }
+            fn attention_decode(
+                &self,
+                out: Self::ViewMut<'_>,
+                qkv: Self::View<'_>,
+                k_cache: Self::View<'_>,
+                v_cache: Self::View<'_>,
+                key_mask: &[bool],
+                shape: $crate::backend::AttnShape,
+                len: usize,
+                t_max: usize,
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::model_ops::attention_decode(
+                        self, out, qkv, k_cache, v_cache, key_mask, shape, len, t_max,
+                    ),
+                )
+            }
+            fn sample_tokens(
+                &self,
+                logits: Self::View<'_>,
+                rows: &[u32],
+                v: usize,
+                p: $crate::backend::SampleParams,
+                uniforms: &[f64],
+                ids: &mut [u32],
+                logps: &mut [f32],
+            ) {
+                $crate::backend::emu::ops::or_panic(
+                    $crate::backend::emu::sampling::sample_tokens(
+                        self, logits, rows, v, p, uniforms, ids, logps,
+                    ),
+                )
+            }
+        }
+    };
+}

@@ -436,6 +436,10 @@ pub struct GrpoBenchArgs {
     /// Internal: run one engine case in this directory and print its figures as JSON.
     #[arg(long, hide = true)]
     pub engine_case: Option<PathBuf>,
+    /// Where the engine runs (`rlhf grpo --device`). TRL runs PyTorch on the CPU, so it is
+    /// compared only with `cpu`.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 /// A word-level tokenizer with `v` tokens (specials, letters, then filler tokens), so that a
@@ -519,7 +523,6 @@ fn grpo_engine_case(
 ) -> Result<serde_json::Value> {
     use crate::algo::grpo::{train as grpo_train, GrpoArgs};
     let idle = current_rss_mb();
-    let be = Cpu;
     let model_dir = dir.join("model");
     let prompts: String = (0..args.prompts * (args.iterations + 1))
         .map(|i| {
@@ -545,7 +548,7 @@ fn grpo_engine_case(
         quiet: true,
         ..GrpoArgs::default()
     };
-    grpo_train(&be, &gargs, &mut CountA)?;
+    crate::with_backend!(args.device, |be| grpo_train(be, &gargs, &mut CountA))?;
     // Per-step metrics, the warm-up step left out.
     let text = std::fs::read_to_string(dir.join(format!("run-{beta}/metrics.jsonl")))?;
     let steps: Vec<serde_json::Value> = text
@@ -567,6 +570,15 @@ fn grpo_engine_case(
     }))
 }
 
+/// A `--device` value as the command line spells it.
+fn device_name(d: DeviceChoice) -> String {
+    use clap::ValueEnum;
+    d.to_possible_value()
+        .expect("every choice has a name")
+        .get_name()
+        .to_string()
+}
+
 /// Runs `rlhf bench grpo`.
 pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
     if let Some(dir) = &args.engine_case {
@@ -578,6 +590,12 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "GRPO iteration: {} prompts x {} generations, up to {} new tokens; rollout, reward, reference pass, one optimizer step",
         args.prompts, args.generations, args.max_new_tokens
     );
+    if args.device != DeviceChoice::Cpu {
+        println!(
+            "engine on --device {}; TRL (PyTorch on the CPU) not compared",
+            device_name(args.device)
+        );
+    }
     println!(
         "{:<12} {:>5} {:>11} {:>11} {:>7} {:>13} {:>12} {:>26} {:>10} {:>10}",
         "config",
@@ -623,6 +641,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
                     "--iterations",
                     &args.iterations.to_string(),
                 ])
+                .args(["--device", &device_name(args.device)])
                 .arg("--engine-case")
                 .arg(&dir)
                 .output()?;
@@ -640,7 +659,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
                 .map(|p| format!("{:.0}", 100.0 * p / ours))
                 .collect::<Vec<_>>()
                 .join("/");
-            let trl = if args.no_trl {
+            let trl = if args.no_trl || args.device != DeviceChoice::Cpu {
                 None
             } else {
                 Some(run_python(
@@ -788,14 +807,7 @@ pub fn attention(args: &AttentionArgs) -> Result<()> {
 fn attention_header() {
     println!(
         "{:<12} {:>4} {:>5} {:>6} {:>10} {:>9} {:>12} {:>12}",
-        "kernel",
-        "D",
-        "T",
-        "B x H",
-        "ms",
-        "TFLOP/s",
-        "/ FA2 A100",
-        "/ FA2 H100"
+        "kernel", "D", "T", "B x H", "ms", "TFLOP/s", "/ FA2 A100", "/ FA2 H100"
     );
 }
 

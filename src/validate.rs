@@ -960,6 +960,7 @@ unsafe impl<L: Launcher> Launcher for Metered<L> {
 // Each op goes through the shared drivers with the meter as the launcher, so the scratch they
 // allocate is counted and their launches timed.
 crate::loss_ops_via_launcher!([L: Launcher] Metered<L>);
+crate::model_ops_via_launcher!([L: Launcher] Metered<L>);
 
 /// The seed of a case's data: fixed, so that a failure reproduces.
 fn seed(i: usize) -> u64 {

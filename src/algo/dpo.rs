@@ -801,7 +801,7 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &DpoArgs) -> Result<DpoSummary
     Ok(summary)
 }
 
-/// `rlhf dpo`: trains a policy with DPO on the CPU backend.
+/// `rlhf dpo`: trains a policy with DPO on the backend `--device` selects.
 pub fn run(args: &DpoArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }

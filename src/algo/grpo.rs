@@ -25,6 +25,7 @@
 //! Checkpoints fall on rollout boundaries (the step after which a new batch is sampled), so a
 //! resumed run re-samples from the saved RNG state and continues exactly.
 
+use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft::HEAD_CHUNK;
 use crate::backend::loss::{
     Advantages, Aggregation, GroupAdvCfg, GroupBaseline, GroupScale, KlEstimator, KlRewardCfg,
@@ -210,6 +211,11 @@ pub struct GrpoArgs {
     /// Seed of the prompt order and the sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// Continue the run in --out from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -1165,9 +1171,12 @@ fn sft_micro<B: ModelOps>(
     Ok(nll)
 }
 
-/// `rlhf grpo`: trains on the CPU backend, scoring with the `--reward` sources.
+/// `rlhf grpo`: trains on the backend `--device` selects, scoring with the `--reward` sources.
 pub fn run(args: &GrpoArgs) -> anyhow::Result<()> {
-    let be = crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &GrpoArgs) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(
@@ -1188,7 +1197,7 @@ pub fn run(args: &GrpoArgs) -> anyhow::Result<()> {
     })?;
     let tok = Tokenizer::load(&model_dir)?;
     let mut reward = reward::from_specs(&args.reward, Some(&tok))?;
-    let s = train(&be, &args, reward.as_mut())?;
+    let s = train(be, &args, reward.as_mut())?;
     if s.interrupted {
         println!(
             "Stopped after step {} of {}; --resume continues from the last checkpoint.",

@@ -30,6 +30,7 @@
 //! own clip, so a large value gradient cannot shrink the policy's step. The learning rate
 //! follows the crate's schedule (warmup, cosine) once per PPO step, where TRL decays linearly.
 
+use crate::backend::cuda::DeviceChoice;
 use crate::algo::grpo::{correct_sampling, is_correction_cap};
 use crate::algo::reward::score_model_from_lm;
 use crate::algo::sft::{self, HEAD_CHUNK};
@@ -192,6 +193,11 @@ pub struct PpoArgs {
     /// Seed of prompt order, sampling, minibatch shuffles and a fresh critic head.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
     /// Continue the run in --out from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -1043,9 +1049,12 @@ pub fn train_with_reward<B: DecodeOps + LossOps>(
 /// name inside each checkpoint.
 pub const CRITIC_DIR: &str = "critic";
 
-/// `rlhf ppo`: trains on the CPU backend.
+/// `rlhf ppo`: trains on the backend `--device` selects.
 pub fn run(args: &PpoArgs) -> anyhow::Result<()> {
-    let be = crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &PpoArgs) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(
@@ -1057,7 +1066,7 @@ pub fn run(args: &PpoArgs) -> anyhow::Result<()> {
             .as_secs();
         args.out = Some(PathBuf::from(format!("runs/ppo-{secs}")));
     }
-    let s = train(&be, &args)?;
+    let s = train(be, &args)?;
     let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
     if s.interrupted {
         println!(

@@ -586,7 +586,7 @@ pub fn train<B: ModelOps + LossOps>(be: &B, args: &RmArgs) -> Result<RmSummary> 
     Ok(summary)
 }
 
-/// `rlhf rm`: trains a reward model on the CPU backend.
+/// `rlhf rm`: trains a reward model on the backend `--device` selects.
 pub fn run(args: &RmArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }

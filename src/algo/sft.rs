@@ -604,7 +604,7 @@ pub fn starting_model<B: ModelOps>(
     Ok((m, tok, dir))
 }
 
-/// `rlhf sft`: trains on the CPU backend. Without `--data`, trains the built-in task (see
+/// `rlhf sft`: trains on the backend `--device` selects. Without `--data`, trains the built-in task (see
 /// [`builtin_task`]) and prints sample generations before and after.
 pub fn run(args: &SftArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))

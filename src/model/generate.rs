@@ -7,6 +7,7 @@
 //! Tokens are picked by the backend ([`DecodeOps::sample_tokens`]) where the logits are: only
 //! the ids and log-probs of the rows still generating come back, not (B, V) logits.
 
+use crate::backend::cuda::DeviceChoice;
 use super::tokenizer::Tokenizer;
 use super::transformer::{Batch, DecodeState, Model, Pad};
 use crate::backend::{DecodeOps, SampleParams};
@@ -230,6 +231,11 @@ pub struct GenerateArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where to run: the CPU backend (the reference), a CUDA device, the CUDA kernels on the
+    /// CPU emulator (slow; checks the GPU path without a GPU), or auto (a CUDA device where one
+    /// opens, else the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 /// EOS ids for generation: `generation_config.json`'s `eos_token_id` (one id or a list) when
@@ -256,13 +262,15 @@ pub fn eos_ids(dir: &std::path::Path, cfg: &super::Config, tok: &Tokenizer) -> V
     }
 }
 
-/// Runs `rlhf generate` on the CPU backend: one JSONL line per completion, written as each
+/// Runs `rlhf generate` on the backend `--device` selects: one JSONL line per completion, written as each
 /// batch finishes.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    use crate::backend::cpu::Cpu;
+    crate::with_backend!(args.device, |be| run_on(be, args))
+}
+
+fn run_on<B: DecodeOps>(be: &B, args: &GenerateArgs) -> anyhow::Result<()> {
     use std::io::Write;
-    let be = Cpu;
-    let model = Model::load(&be, &args.model)?;
+    let model = Model::load(be, &args.model)?;
     let tok = Tokenizer::load(&args.model)?;
     let texts: Vec<String> = match &args.prompts {
         Some(path) => crate::data::read_prompts(path)?
@@ -295,7 +303,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             .collect::<Result<Vec<_>>>()?;
         for (text, c) in chunk
             .iter()
-            .zip(generate(&be, &model, &ids, &cfg, Some(&tok), &mut rng)?)
+            .zip(generate(be, &model, &ids, &cfg, Some(&tok), &mut rng)?)
         {
             let line = serde_json::json!({
                 "prompt": text,

@@ -823,4 +823,4 @@ fn operation(t: Trans) -> cublas::sys::cublasOperation_t {
 // The loss family through the shared drivers, with the device as launcher.
 crate::loss_ops_via_launcher!([] Cuda);
 // The model and decode families through the same drivers.
-crate::model_ops_via_launcher!(Cuda);
+crate::model_ops_via_launcher!([] Cuda);

@@ -454,4 +454,4 @@ unsafe impl Launcher for Emu {
 // The loss family through the shared drivers, with the emulator as launcher.
 crate::loss_ops_via_launcher!([] Emu);
 // The model and decode families through the same drivers.
-crate::model_ops_via_launcher!(Emu);
+crate::model_ops_via_launcher!([] Emu);

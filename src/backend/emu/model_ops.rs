@@ -13,113 +13,67 @@
 //! copy, made as each product reads them.
 
 use super::ops::{self, input, output, KernelError, Launcher};
-use super::plan::{self, AttnDtype, DevPtr, Dtype};
+use super::plan::{self, AttnDtype, Dtype};
 use crate::backend::AttnShape;
 
-/// `ModelOps::layernorm_forward` on the kernels.
+/// `ModelOps::layernorm_forward` (with `mean` and `b`) or `ModelOps::rmsnorm_forward` (without)
+/// on the kernels.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward<L: Launcher>(
+pub fn norm_forward<L: Launcher>(
     l: &L,
     mut out: L::ViewMut<'_>,
-    mut mean: L::ViewMut<'_>,
+    mut mean: Option<L::ViewMut<'_>>,
     mut rstd: L::ViewMut<'_>,
     inp: L::View<'_>,
     w: L::View<'_>,
-    b: L::View<'_>,
+    b: Option<L::View<'_>>,
     n: usize,
     c: usize,
     eps: f32,
 ) -> Result<(), KernelError> {
+    let layer = mean.is_some();
+    assert_eq!(layer, b.is_some(), "norm_forward: LayerNorm needs both mean and b");
     let p = plan::NormFwdPtrs {
-        inp: input(l, inp, n * c, "layernorm_forward: inp"),
-        w: input(l, w, c, "layernorm_forward: w"),
-        b: input(l, b, c, "layernorm_forward: b"),
-        out: output(l, &mut out, n * c, "layernorm_forward: out"),
-        mean: output(l, &mut mean, n, "layernorm_forward: mean"),
-        rstd: output(l, &mut rstd, n, "layernorm_forward: rstd"),
+        inp: input(l, inp, n * c, "norm_forward: inp"),
+        w: input(l, w, c, "norm_forward: w"),
+        b: ops::opt_input(l, b, c, "norm_forward: b"),
+        out: output(l, &mut out, n * c, "norm_forward: out"),
+        mean: ops::opt_output(l, &mut mean, n, "norm_forward: mean"),
+        rstd: output(l, &mut rstd, n, "norm_forward: rstd"),
     };
     // SAFETY: every length was checked against N and C above.
-    unsafe { ops::norm_forward(l, true, p, n, c, eps) }
+    unsafe { ops::norm_forward(l, layer, p, n, c, eps) }
 }
 
-/// `ModelOps::layernorm_backward` on the kernels (dinp and dw are added to).
+/// `ModelOps::layernorm_backward` (with `mean`) or `ModelOps::rmsnorm_backward` (without) on the
+/// kernels: dinp and dw are added to.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward<L: Launcher>(
+pub fn norm_backward<L: Launcher>(
     l: &L,
     mut dinp: L::ViewMut<'_>,
     mut dw: L::ViewMut<'_>,
     dout: L::View<'_>,
     inp: L::View<'_>,
     w: L::View<'_>,
-    mean: L::View<'_>,
+    mean: Option<L::View<'_>>,
     rstd: L::View<'_>,
     n: usize,
     c: usize,
 ) -> Result<(), KernelError> {
     let p = plan::NormBwdPtrs {
-        dinp: output(l, &mut dinp, n * c, "layernorm_backward: dinp"),
-        dw: output(l, &mut dw, c, "layernorm_backward: dw"),
-        dout: input(l, dout, n * c, "layernorm_backward: dout"),
-        inp: input(l, inp, n * c, "layernorm_backward: inp"),
-        w: input(l, w, c, "layernorm_backward: w"),
-        mean: input(l, mean, n, "layernorm_backward: mean"),
-        rstd: input(l, rstd, n, "layernorm_backward: rstd"),
+        dinp: output(l, &mut dinp, n * c, "norm_backward: dinp"),
+        dw: output(l, &mut dw, c, "norm_backward: dw"),
+        dout: input(l, dout, n * c, "norm_backward: dout"),
+        inp: input(l, inp, n * c, "norm_backward: inp"),
+        w: input(l, w, c, "norm_backward: w"),
+        mean: ops::opt_input(l, mean, n, "norm_backward: mean"),
+        rstd: input(l, rstd, n, "norm_backward: rstd"),
     };
     // A null mean selects the RMSNorm kernels: an empty view's address may be null, but then
     // there is nothing to launch anyway.
     if n == 0 || c == 0 {
         return Ok(());
     }
-    // SAFETY: every length was checked against N and C above.
-    unsafe { ops::norm_backward(l, p, n, c) }
-}
-
-/// `ModelOps::rmsnorm_forward` on the kernels.
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_forward<L: Launcher>(
-    l: &L,
-    mut out: L::ViewMut<'_>,
-    mut rstd: L::ViewMut<'_>,
-    inp: L::View<'_>,
-    w: L::View<'_>,
-    n: usize,
-    c: usize,
-    eps: f32,
-) -> Result<(), KernelError> {
-    let p = plan::NormFwdPtrs {
-        inp: input(l, inp, n * c, "rmsnorm_forward: inp"),
-        w: input(l, w, c, "rmsnorm_forward: w"),
-        b: DevPtr::NULL,
-        out: output(l, &mut out, n * c, "rmsnorm_forward: out"),
-        mean: DevPtr::NULL,
-        rstd: output(l, &mut rstd, n, "rmsnorm_forward: rstd"),
-    };
-    // SAFETY: every length was checked against N and C above.
-    unsafe { ops::norm_forward(l, false, p, n, c, eps) }
-}
-
-/// `ModelOps::rmsnorm_backward` on the kernels (dinp and dw are added to).
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward<L: Launcher>(
-    l: &L,
-    mut dinp: L::ViewMut<'_>,
-    mut dw: L::ViewMut<'_>,
-    dout: L::View<'_>,
-    inp: L::View<'_>,
-    w: L::View<'_>,
-    rstd: L::View<'_>,
-    n: usize,
-    c: usize,
-) -> Result<(), KernelError> {
-    let p = plan::NormBwdPtrs {
-        dinp: output(l, &mut dinp, n * c, "rmsnorm_backward: dinp"),
-        dw: output(l, &mut dw, c, "rmsnorm_backward: dw"),
-        dout: input(l, dout, n * c, "rmsnorm_backward: dout"),
-        inp: input(l, inp, n * c, "rmsnorm_backward: inp"),
-        w: input(l, w, c, "rmsnorm_backward: w"),
-        mean: DevPtr::NULL,
-        rstd: input(l, rstd, n, "rmsnorm_backward: rstd"),
-    };
     // SAFETY: every length was checked against N and C above.
     unsafe { ops::norm_backward(l, p, n, c) }
 }
@@ -253,15 +207,17 @@ pub fn logprobs_backward<L: Launcher>(
 }
 
 /// `impl ModelOps` and `impl DecodeOps for $ty` by the view drivers of the kernels, with `$ty` as
-/// the launcher; a launch failure panics, as the trait's ops are infallible.
+/// the launcher; a launch failure panics, as the trait's ops are infallible. `[$($gen)*]` holds
+/// the impl's generic parameters, if any: `model_ops_via_launcher!([] Emu)`,
+/// `model_ops_via_launcher!([L: Launcher] Metered<L>)`.
 #[macro_export]
 macro_rules! model_ops_via_launcher {
-    ($ty:ty) => {
-        $crate::model_ops_via_launcher!(@model $ty);
-        $crate::model_ops_via_launcher!(@decode $ty);
+    ([$($gen:tt)*] $ty:ty) => {
+        $crate::model_ops_via_launcher!(@model [$($gen)*] $ty);
+        $crate::model_ops_via_launcher!(@decode [$($gen)*] $ty);
     };
-    (@model $ty:ty) => {
-        impl $crate::backend::ModelOps for $ty {
+    (@model [$($gen:tt)*] $ty:ty) => {
+        impl<$($gen)*> $crate::backend::ModelOps for $ty {
             fn embedding_forward(
                 &self,
                 out: Self::ViewMut<'_>,
@@ -339,11 +295,18 @@ macro_rules! model_ops_via_launcher {
                 c: usize,
                 eps: f32,
             ) {
-                $crate::backend::emu::ops::or_panic(
-                    $crate::backend::emu::model_ops::layernorm_forward(
-                        self, out, mean, rstd, inp, w, b, n, c, eps,
-                    ),
-                )
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::model_ops::norm_forward(
+                    self,
+                    out,
+                    Some(mean),
+                    rstd,
+                    inp,
+                    w,
+                    Some(b),
+                    n,
+                    c,
+                    eps,
+                ))
             }
             fn layernorm_backward(
                 &self,
@@ -357,11 +320,18 @@ macro_rules! model_ops_via_launcher {
                 n: usize,
                 c: usize,
             ) {
-                $crate::backend::emu::ops::or_panic(
-                    $crate::backend::emu::model_ops::layernorm_backward(
-                        self, dinp, dw, dout, inp, w, mean, rstd, n, c,
-                    ),
-                )
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::model_ops::norm_backward(
+                    self,
+                    dinp,
+                    dw,
+                    dout,
+                    inp,
+                    w,
+                    Some(mean),
+                    rstd,
+                    n,
+                    c,
+                ))
             }
             fn rmsnorm_forward(
                 &self,
@@ -373,11 +343,9 @@ macro_rules! model_ops_via_launcher {
                 c: usize,
                 eps: f32,
             ) {
-                $crate::backend::emu::ops::or_panic(
-                    $crate::backend::emu::model_ops::rmsnorm_forward(
-                        self, out, rstd, inp, w, n, c, eps,
-                    ),
-                )
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::model_ops::norm_forward(
+                    self, out, None, rstd, inp, w, None, n, c, eps,
+                ))
             }
             fn rmsnorm_backward(
                 &self,
@@ -390,11 +358,9 @@ macro_rules! model_ops_via_launcher {
                 n: usize,
                 c: usize,
             ) {
-                $crate::backend::emu::ops::or_panic(
-                    $crate::backend::emu::model_ops::rmsnorm_backward(
-                        self, dinp, dw, dout, inp, w, rstd, n, c,
-                    ),
-                )
+                $crate::backend::emu::ops::or_panic($crate::backend::emu::model_ops::norm_backward(
+                    self, dinp, dw, dout, inp, w, None, rstd, n, c,
+                ))
             }
             fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) {
                 $crate::backend::emu::ops::or_panic(
@@ -555,8 +521,8 @@ macro_rules! model_ops_via_launcher {
             }
         }
     };
-    (@decode $ty:ty) => {
-        impl $crate::backend::DecodeOps for $ty {
+    (@decode [$($gen:tt)*] $ty:ty) => {
+        impl<$($gen)*> $crate::backend::DecodeOps for $ty {
             fn kv_cache_store(
                 &self,
                 k_cache: Self::ViewMut<'_>,

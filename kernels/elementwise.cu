@@ -13,6 +13,9 @@
 //                       dup += dout·silu(gate).
 //   kv_cache_store_f32  DecodeOps::kv_cache_store: k and v of each qkv row into cache column
 //                       t0 + t.
+//   to_bf16_f32         y = bf16(x), to nearest even: the f32 activations the tensor-core
+//                       attention reads (no CPU op: the CPU reference attends in f32).
+//   add_bf16_f32        acc (+)= x widened from bf16: that attention's results back into f32.
 //
 // All but the cache store take one element per thread. `int` indices end at 2^31, so the host
 // splits the views of the purely flat ones (add, add_inplace, scale, GELU) into pieces of at most
@@ -104,4 +107,15 @@ extern "C" __global__ void kv_cache_store_f32(const float* qkv, int T, int NH, i
     k_cache[dst] = k[i];
     v_cache[dst] = k[width + i];
   }
+}
+
+extern "C" __global__ void to_bf16_f32(const float* x, int n, rl_bf16* y) {
+  const int i = flat_index();
+  if (i < n) y[i] = to_bf16(x[i]);
+}
+
+/// `accumulate` 0 overwrites `acc`, which may hold anything (NaN included), else adds to it.
+extern "C" __global__ void add_bf16_f32(float* acc, const rl_bf16* x, int accumulate, int n) {
+  const int i = flat_index();
+  if (i < n) acc[i] = accumulate ? acc[i] + to_f32(x[i]) : to_f32(x[i]);
 }

@@ -36,9 +36,15 @@ pub const UPDATE_REL_L2: f64 = 1e-5;
 /// near −6.5); 5e-3 leaves room and fails a wrong head or a shifted target by far.
 pub const LOGPROB_REL_L2: f64 = 5e-3;
 
-/// The decode and full-sequence paths round the same values to bf16 and differ only in f32
-/// summation order: their gap is float noise, far below the bf16 error.
+/// With f32 attention the decode and full-sequence paths round the same values to bf16 (in the
+/// GEMMs) and differ only in f32 summation order: their gap is float noise (5e-7 measured).
 pub const GAP_MAX: f64 = 1e-3;
+
+/// At head dims 64 and 128 training attends on the tensor cores with q, k, v and P rounded to
+/// bf16 (as FlashAttention-2 does), while decoding attends in f32: a log-prob moves by the
+/// attention output's bf16 error carried through the remaining layers: 6e-3 measured at most,
+/// against log-probs near −4.6.
+pub const GAP_MAX_BF16_ATTENTION: f64 = 2e-2;
 
 /// How far one vector is from its reference.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -100,6 +106,8 @@ pub struct LogprobParity {
     pub gap_max: f64,
     /// Tokens compared for the gap.
     pub gap_tokens: usize,
+    /// Whether training attended in bf16 on the tensor cores (decoding always attends in f32).
+    pub bf16_attention: bool,
 }
 
 /// Deterministic right-padded rows of different lengths (one of `t_max`) over the model's
@@ -147,9 +155,19 @@ impl Weights {
         })
     }
 
-    /// A built-in configuration ([`Config::builtin`]) with random weights from `seed`.
+    /// A built-in configuration ([`Config::builtin`]) with random weights from `seed`; the name
+    /// `llama-hd64` is llama-tiny with two query heads of dim 64 sharing one key/value head, a
+    /// shape whose attention runs on the tensor cores (bf16) on a kernel backend.
     pub fn builtin(name: &str, vocab_size: usize, seed: u64) -> Result<Weights> {
-        let cfg = Config::builtin(name, vocab_size)?;
+        let cfg = match name {
+            "llama-hd64" => Config {
+                n_head: 2,
+                n_kv_head: 1,
+                head_dim: 64,
+                ..Config::builtin("llama-tiny", vocab_size)?
+            },
+            _ => Config::builtin(name, vocab_size)?,
+        };
         let params = crate::model::random_params(&crate::model::Layout::new(&cfg), 0.1, seed);
         Ok(Weights { cfg, params })
     }
@@ -249,6 +267,13 @@ pub fn logprobs<B: DecodeOps>(
         gap_mean: sum / count.max(1) as f64,
         gap_max: max,
         gap_tokens: count,
+        bf16_attention: crate::backend::emu::model_ops::bf16_attention(&crate::backend::AttnShape {
+            b: 1,
+            t: 1,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+        }),
     })
 }
 
@@ -270,7 +295,12 @@ pub fn failures(s: &StepParity, l: &LogprobParity) -> Vec<String> {
     if l.gap_tokens == 0 {
         out.push("no token was sampled".into());
     }
-    if l.gap_max >= GAP_MAX {
+    let gap_max = if l.bf16_attention {
+        GAP_MAX_BF16_ATTENTION
+    } else {
+        GAP_MAX
+    };
+    if l.gap_max >= gap_max {
         out.push(format!("sampling/training gap {:.2e}", l.gap_max));
     }
     out

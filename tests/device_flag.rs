@@ -91,3 +91,24 @@ fn generate_device_flag() {
         );
     }
 }
+
+/// The GRPO iteration benchmark runs its engine on the emulated kernels where no GPU is lent
+/// (the "its emulated run completes"), leaving out TRL, which runs on the CPU.
+#[test]
+fn grpo_benchmark_runs_on_the_emulator() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["bench", "grpo", "--device", "emu", "--configs", "llama-tiny"])
+        .args(["--betas", "0.04", "--prompts", "2", "--generations", "2"])
+        .args(["--max-new-tokens", "8", "--iterations", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TRL (PyTorch on the CPU) not compared"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("llama-tiny"))
+        .unwrap_or_else(|| panic!("no llama-tiny row: {text}"));
+    let secs: f64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(secs > 0.0, "{row}");
+}

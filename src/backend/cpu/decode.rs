@@ -1,6 +1,7 @@
 //! Generation with a KV cache on the CPU: storing new keys/values, one-row attention, and picking
 //! tokens (in `sample.rs`). Nothing here allocates: the decode loop must not.
 
+use super::math::simd_dispatch;
 use super::reduce::dot;
 use super::Cpu;
 use crate::backend::{AttnShape, DecodeOps, SampleParams};
@@ -121,25 +122,45 @@ pub fn attention_decode(
         let (b, h) = (bh / nh, bh % nh);
         let q = &qkv[b * w + h * hd..b * w + (h + 1) * hd];
         let cache = (b * kvh + h / group) * t_max * hd;
-        let mask = &key_mask[b * t_max..b * t_max + len];
-        let mut acc = [0.0f32; MAX_HEAD_DIM];
-        let acc = &mut acc[..hd];
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for (j, _) in mask.iter().enumerate().filter(|(_, &vis)| vis) {
-            let k = &k_cache[cache + j * hd..cache + (j + 1) * hd];
-            let sc = dot(q, k) * scale;
-            let m_new = m.max(sc);
-            let (corr, p) = ((m - m_new).exp(), (sc - m_new).exp());
-            l = l * corr + p;
-            let v = &v_cache[cache + j * hd..cache + (j + 1) * hd];
-            for (a, &x) in acc.iter_mut().zip(v) {
-                *a = *a * corr + p * x;
-            }
-            m = m_new;
-        }
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
-        }
+        let (k, v) = (
+            &k_cache[cache..cache + len * hd],
+            &v_cache[cache..cache + len * hd],
+        );
+        attend_one(o, q, k, v, &key_mask[b * t_max..b * t_max + len], scale);
     });
+}
+
+simd_dispatch! {
+    /// One query `q` against the visible rows of `k` and `v` (len·HD each): the dot products
+    /// and the accumulator update are the per-column work, and vectorise across the head dim.
+    fn attend_one(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], mask: &[bool], scale: f32) =
+        attend_one_body;
+}
+
+#[inline(always)]
+fn attend_one_body(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], mask: &[bool], scale: f32) {
+    let hd = q.len();
+    let mut acc = [0.0f32; MAX_HEAD_DIM];
+    let acc = &mut acc[..hd];
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    // `exp(0)` is exactly 1, so a zero argument skips the call without changing a bit; one of
+    // the two arguments is zero at every column (the max either stays or becomes this score),
+    // which halves the libm calls.
+    let exp = |d: f32| if d == 0.0 { 1.0 } else { d.exp() };
+    for (j, _) in mask.iter().enumerate().filter(|(_, &vis)| vis) {
+        let kj = &k[j * hd..(j + 1) * hd];
+        let sc = dot(q, kj) * scale;
+        let m_new = m.max(sc);
+        let (corr, p) = (exp(m - m_new), exp(sc - m_new));
+        l = l * corr + p;
+        let vj = &v[j * hd..(j + 1) * hd];
+        for (a, &x) in acc.iter_mut().zip(vj) {
+            *a = *a * corr + p * x;
+        }
+        m = m_new;
+    }
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (o, a) in o.iter_mut().zip(acc.iter()) {
+        *o = a * inv;
+    }
 }

@@ -21,7 +21,7 @@ pub mod plans {
     use crate::backend::emu::plan::{
         ADAMW_F32, ADD_F32, ADD_INPLACE_F32, EMBEDDING_BWD_F32, EMBEDDING_FWD_F32, GELU_BWD_F32,
         GELU_FWD_F32, KV_CACHE_STORE_F32, ROPE_F32, SCALE_F32, SUM_SQUARES_F32, SWIGLU_BWD_F32,
-        SWIGLU_FWD_F32,
+        SWIGLU_FWD_F32, ADD_BF16_F32, TO_BF16_F32,
     };
     use crate::backend::{AdamW, AttnShape};
 
@@ -59,6 +59,22 @@ pub mod plans {
             n,
             vec![Arg::Ptr(acc), Arg::Ptr(x), int(n, "n")],
         )
+    }
+
+    /// `to_bf16_f32(x, n, y)`: y holds n bf16 values.
+    pub fn to_bf16(x: DevPtr, n: usize, y: DevPtr) -> Launch {
+        flat(TO_BF16_F32, n, vec![Arg::Ptr(x), int(n, "n"), Arg::Ptr(y)])
+    }
+
+    /// `add_bf16_f32(acc, x, accumulate, n)`: x holds n bf16 values.
+    pub fn add_bf16(acc: DevPtr, x: DevPtr, accumulate: bool, n: usize) -> Launch {
+        let args = vec![
+            Arg::Ptr(acc),
+            Arg::Ptr(x),
+            Arg::I32(accumulate as i32),
+            int(n, "n"),
+        ];
+        flat(ADD_BF16_F32, n, args)
     }
 
     /// `scale_f32(x, s, n)`.

@@ -13,7 +13,8 @@
 //! copy, made as each product reads them.
 
 use super::ops::{self, input, output, KernelError, Launcher};
-use super::plan::{self, AttnDtype, Dtype};
+use super::elementwise::plans;
+use super::plan::{self, AttnDtype, AttnKernel, DevPtr, Dtype};
 use crate::backend::AttnShape;
 
 /// `ModelOps::layernorm_forward` (with `mean` and `b`) or `ModelOps::rmsnorm_forward` (without)
@@ -94,7 +95,43 @@ fn attention_fwd_ptrs<L: Launcher>(
     }
 }
 
-/// `ModelOps::attention_forward` on the kernels, f32 activations.
+/// Whether the model's attention at this shape runs the tensor-core kernels, on bf16 copies of
+/// its f32 activations; else the SIMT kernels run on the f32 activations themselves.
+pub fn bf16_attention(s: &AttnShape) -> bool {
+    AttnKernel::Auto.uses_tensor_cores(AttnDtype::Bf16, s.head_dim)
+}
+
+/// A bf16 copy of `n` f32 values at `x`, in scratch memory.
+fn bf16_copy<L: Launcher>(l: &L, x: DevPtr, n: usize) -> Result<L::Scratch, KernelError> {
+    let y = l.scratch(n.div_ceil(4))?;
+    if n > 0 {
+        // SAFETY: the caller vouches for n f32 values at x; y holds n bf16 values.
+        unsafe { l.launch(&plans::to_bf16(x, n, l.scratch_ptr(&y)))? };
+    }
+    Ok(y)
+}
+
+/// `acc (+)= x` for n bf16 values `x` in scratch memory into f32 memory at `acc`.
+///
+/// # Safety
+///
+/// `acc` must address n writable f32 values and `x` hold n bf16 values.
+unsafe fn widen_into<L: Launcher>(
+    l: &L,
+    acc: DevPtr,
+    x: &L::Scratch,
+    accumulate: bool,
+    n: usize,
+) -> Result<(), KernelError> {
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { l.launch(&plans::add_bf16(acc, l.scratch_ptr(x), accumulate, n)) }
+}
+
+/// `ModelOps::attention_forward` on the kernels: f32 activations, through bf16 copies on the
+/// tensor cores where [`bf16_attention`] says so.
 pub fn attention_forward<L: Launcher>(
     l: &L,
     mut out: L::ViewMut<'_>,
@@ -104,11 +141,28 @@ pub fn attention_forward<L: Launcher>(
     s: AttnShape,
 ) -> Result<(), KernelError> {
     let p = attention_fwd_ptrs(l, &s, qkv, &mut out, &mut lse);
-    // SAFETY: every length was checked against the shape above (the driver checks the mask).
-    unsafe { ops::attention_forward(l, AttnDtype::F32, p, key_mask, s) }
+    if !bf16_attention(&s) {
+        // SAFETY: every length was checked against the shape above (the driver checks the mask).
+        return unsafe { ops::attention_forward(l, AttnDtype::F32, p, key_mask, s) };
+    }
+    let n = s.b * s.t;
+    let (nq, no) = (n * s.qkv_width(), n * s.out_width());
+    let qkv16 = bf16_copy(l, p.qkv, nq)?;
+    let out16 = l.scratch(no.div_ceil(4))?;
+    let p16 = plan::AttnFwdPtrs {
+        qkv: l.scratch_ptr(&qkv16),
+        out: l.scratch_ptr(&out16),
+        lse: p.lse,
+    };
+    // SAFETY: the bf16 copies hold as many values as the checked f32 views, lse is checked.
+    unsafe {
+        ops::attention_forward(l, AttnDtype::Bf16, p16, key_mask, s)?;
+        widen_into(l, p.out, &out16, false, no)
+    }
 }
 
-/// `ModelOps::attention_backward` on the kernels, f32 activations (dqkv is added to).
+/// `ModelOps::attention_backward` on the kernels (dqkv is added to), as
+/// [`attention_forward`] chose: f32 SIMT, or bf16 copies on the tensor cores.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<L: Launcher>(
     l: &L,
@@ -121,15 +175,38 @@ pub fn attention_backward<L: Launcher>(
     s: AttnShape,
 ) -> Result<(), KernelError> {
     let n = s.b * s.t;
+    let (nq, no) = (n * s.qkv_width(), n * s.out_width());
     let p = plan::AttnBwdPtrs {
-        dqkv: output(l, &mut dqkv, n * s.qkv_width(), "attention_backward: dqkv"),
-        dout: input(l, dout, n * s.out_width(), "attention_backward: dout"),
-        qkv: input(l, qkv, n * s.qkv_width(), "attention_backward: qkv"),
-        out: input(l, out, n * s.out_width(), "attention_backward: out"),
+        dqkv: output(l, &mut dqkv, nq, "attention_backward: dqkv"),
+        dout: input(l, dout, no, "attention_backward: dout"),
+        qkv: input(l, qkv, nq, "attention_backward: qkv"),
+        out: input(l, out, no, "attention_backward: out"),
         lse: input(l, lse, s.b * s.n_head * s.t, "attention_backward: lse"),
     };
-    // SAFETY: every length was checked against the shape above (the driver checks the mask).
-    unsafe { ops::attention_backward(l, AttnDtype::F32, p, key_mask, s) }
+    if !bf16_attention(&s) {
+        // SAFETY: every length was checked against the shape above (the driver checks the mask).
+        return unsafe { ops::attention_backward(l, AttnDtype::F32, p, key_mask, s) };
+    }
+    // The forward's bf16 output widened exactly to f32, so rounding it again gives it back.
+    let (qkv16, out16, dout16) = (
+        bf16_copy(l, p.qkv, nq)?,
+        bf16_copy(l, p.out, no)?,
+        bf16_copy(l, p.dout, no)?,
+    );
+    let dqkv16 = l.scratch(nq.div_ceil(4))?;
+    let p16 = plan::AttnBwdPtrs {
+        dqkv: l.scratch_ptr(&dqkv16),
+        dout: l.scratch_ptr(&dout16),
+        qkv: l.scratch_ptr(&qkv16),
+        out: l.scratch_ptr(&out16),
+        lse: p.lse,
+    };
+    // SAFETY: the bf16 copies hold as many values as the checked f32 views; the zeroed dqkv16
+    // collects the gradient, which is then added to dqkv.
+    unsafe {
+        ops::attention_backward(l, AttnDtype::Bf16, p16, key_mask, s)?;
+        widen_into(l, p.dqkv, &dqkv16, true, nq)
+    }
 }
 
 /// `DecodeOps::attention_decode` on the kernels, f32 activations and cache.

@@ -132,6 +132,8 @@ kernels! {
     SWIGLU_FWD_F32 = "elementwise.cu" / swiglu_fwd_f32;
     SWIGLU_BWD_F32 = "elementwise.cu" / swiglu_bwd_f32;
     KV_CACHE_STORE_F32 = "elementwise.cu" / kv_cache_store_f32;
+    TO_BF16_F32 = "elementwise.cu" / to_bf16_f32;
+    ADD_BF16_F32 = "elementwise.cu" / add_bf16_f32;
     EMBEDDING_FWD_F32 = "embedding.cu" / embedding_fwd_f32;
     EMBEDDING_BWD_F32 = "embedding.cu" / embedding_bwd_f32;
     ROPE_F32 = "rope.cu" / rope_f32;

@@ -6,18 +6,53 @@
 //! the same host code (launch plans and op drivers), so an emulated PASS checks the kernels and
 //! that host code; emulated times are the shim's and say nothing about a GPU's.
 //!
+//! Two families: the loss family (log-probs, KL, policy and value losses, advantages, preference
+//! losses: `LossOps` and the log-prob ops) and the model family ([`ModelOp`], in `model.rs`:
+//! attention forward and backward with GQA and a padding mask, the KV-cache store and decode
+//! attention, RMSNorm and LayerNorm, the GEMMs and bias gradient, embedding, RoPE, GELU, SwiGLU,
+//! the residual ops, sum of squares, AdamW, and sampling: greedy, temperature, top-k, top-p).
+//! After the kernel table, `rlhf validate` also runs one training step and generation of tiny
+//! whole models against the CPU.
+//!
 //! Everything is data-driven: [`cases`] is the one table of (kernel, shape), `run_op` the one
 //! dispatch that runs an [`Op`] on any backend and flattens every output, gradient and scalar it
-//! produces into one vector, and both commands are one loop over the table. Kernel times come
-//! from [`Metered`], which wraps the backend and times its launches.
+//! produces into one vector (in segments, one per tensor, so that an error can be scaled by its
+//! tensor), and both commands are one loop over the table. Kernel times come from [`Metered`],
+//! which wraps the backend and times its launches.
 //!
-//! Tolerances (errors scaled as `|got - want| / max(1, |want|)`, the test suite's measure; it is
-//! the absolute error on values below 1, which are most of them, and the relative error above):
-//! - [`TOL_F32`] = 1e-5: the kernels compute per-token values in f32 and reduce in f64, the CPU
-//!   reference is f64 throughout; a wrong formula is off by 1e-4 or more.
+//! Tolerances, on a scaled error `|got - want| / scale`, where the scale is
+//! - for the loss family, sampling's log-probs and the sum of squares: `max(1, |want|)` per
+//!   value (the absolute error on values below 1, which are most of them, the relative error
+//!   above);
+//! - for the GEMMs: the element's Σ|terms| (the sum of absolute products plus the absolute
+//!   values added to them), computed by the CPU op on the inputs' absolute values;
+//! - for the rest of the model family: `max(1, max |want|)` over the tensor compared, the kernel
+//!   tests' measure: gradients are sums of terms that cancel, so their rounding is relative to
+//!   the tensor's largest values, not to each value.
+//!
+//! - [`TOL_F32`] = 1e-5: the loss kernels compute per-token values in f32 and reduce in f64, the
+//!   CPU reference is f64 throughout; a wrong formula is off by 1e-4 or more. The f32 model
+//!   kernels (SIMT attention, decode, norms, element-wise, embedding, RoPE, AdamW) compute in
+//!   f32 from the same inputs as the CPU and differ only in summation order and in their
+//!   `exp`/`tanh` (the kernel tests pass at 1e-6 of the scale); a wrong index, bound or mask is
+//!   off by 1e-2 or more.
+//! - GEMMs at [`TOL_F32`] of Σ|terms|: on a device they go through cuBLAS, and on the emulator
+//!   through its bf16-operand executor (`COMPUTE_32F_FAST_16BF`), so the cases round every
+//!   operand to bf16 first: both sides then multiply the same values, each product exact in f32,
+//!   and only the order of the f32 sums differs (at most 9e-8 of Σ|terms| measured in
+//!   tests/matmul_kernels.rs, which argues this bound as its `ORDER_TOL`).
 //! - bf16 logits: the forward is compared with the CPU op on the same (bf16-rounded, widened)
 //!   logits, so at [`TOL_F32`]; the backward stores its gradient in bf16, adding half an ulp
 //!   (2^-9 relative) of rounding on top, checked at [`TOL_BF16`] = 2^-8.
+//! - Attention at head dims 64 and 128 runs on the tensor cores on bf16 copies of its f32
+//!   activations (the backend's rule, `bf16_attention`); the cases round qkv and dout to bf16
+//!   so that the CPU sees the same values. The kernels round P and dS to bf16 before their
+//!   products (measured at most 8.2e-4 of the tensor's scale in tests/attention_kernels.rs) and
+//!   store out and dqkv in bf16 (half an ulp: at most 2^-8 of a value), so at most ~5e-3 of the
+//!   scale (4.9e-3 seen): [`TOL_ATTN_BF16`] = 2^-7.
+//! - Exact: sampled ids (uniforms are drawn, and top-p moved, at least 1e-5 from every token
+//!   boundary, a hundredfold the f32 weights' rounding, so that a token cannot flip), and the
+//!   KV-cache store's and the embedding lookup's copies.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, DeviceChoice, Elem, Selected};
@@ -25,13 +60,18 @@ use crate::backend::emu::ops::or_panic;
 use crate::backend::emu::plan::{DevPtr, Launch};
 use crate::backend::emu::{Emu, KernelError, Launcher, Logits, LogitsMut};
 use crate::backend::loss::*;
-use crate::backend::{Backend, ModelOps};
+use crate::backend::{AttnShape, Backend, DecodeOps, ModelOps};
 use crate::rng::Rng;
 use anyhow::Context;
 use half::bf16;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
+
+mod model;
+
+use model::Measure;
+pub use model::{ModelOp, Sampling};
 
 /// The first line of both commands' output when the kernels run on the emulator.
 pub const NOTICE: &str =
@@ -41,6 +81,8 @@ pub const NOTICE: &str =
 pub const TOL_F32: f64 = 1e-5;
 /// Scaled error allowed for the bf16 log-prob backward, whose gradient is stored in bf16.
 pub const TOL_BF16: f64 = 1.0 / 256.0;
+/// Scaled error allowed for attention on the tensor cores (bf16 P, dS and stored outputs).
+pub const TOL_ATTN_BF16: f64 = 1.0 / 128.0;
 
 /// The log-softmax temperature every log-prob case uses: not 1, so the scaling is exercised.
 const TEMPERATURE: f32 = 0.9;
@@ -126,6 +168,8 @@ pub enum Op {
     Bt,
     /// Sequence sums of per-token log-probs, the DPO loss, and its gradient back to the tokens.
     Dpo,
+    /// An op of the model family (`ModelOps`, `DecodeOps`).
+    Model(ModelOp),
 }
 
 impl Op {
@@ -142,6 +186,7 @@ impl Op {
             Op::ReinforcePp => "reinforce_pp".into(),
             Op::Bt => "bt_loss".into(),
             Op::Dpo => "dpo_loss".into(),
+            Op::Model(m) => m.name(),
         }
     }
 
@@ -156,23 +201,36 @@ impl Op {
     pub fn tolerance(self) -> f64 {
         match self {
             Op::LogprobBwd(Precision::Bf16) => TOL_BF16,
+            Op::Model(m) => m.tolerance(),
             _ => TOL_F32,
+        }
+    }
+
+    /// What the error is scaled by (module docs).
+    fn measure(self) -> Measure {
+        match self {
+            Op::Model(m) => m.measure(),
+            _ => Measure::Value,
         }
     }
 
     /// Bytes of inputs and outputs the op must move at least (a `+=` output counts twice: read
     /// and written); the bandwidth column divides this by the time.
     pub fn io_bytes(self, s: Shape) -> usize {
-        let (n, b) = (s.b * s.t, s.b);
+        if let Op::Model(m) = self {
+            return m.io_bytes(s);
+        }
+        let (b, t, v) = s.tokens();
+        let n = b * t;
         let logit_bytes = match self.precision() {
             Some(Precision::Bf16) => 2,
             _ => 4,
         };
         match self {
             // logits, targets; logp, entropy, lse.
-            Op::LogprobFwd(_) => n * s.v * logit_bytes + 4 * n * 4,
+            Op::LogprobFwd(_) => n * v * logit_bytes + 4 * n * 4,
             // logits, dlogits (read and written); targets, lse, dlogp, dentropy.
-            Op::LogprobBwd(_) => 3 * n * s.v * logit_bytes + 4 * n * 4,
+            Op::LogprobBwd(_) => 3 * n * v * logit_bytes + 4 * n * 4,
             // logp, ref, mask; per-token; dx.
             Op::Kl(_) => (3 + 1 + 2) * n * 4,
             // logp, old, adv, ref, entropy, mask; per-token; dlogp, dentropy.
@@ -190,6 +248,7 @@ impl Op {
             // Four masked row sums (tokens, mask; sums, counts); the loss on B pairs (six
             // inputs; three outputs; two gradients); the row-sum backward (dsums, mask; dx).
             Op::Dpo => (4 * (2 * n + 2 * b) + 6 * b + 3 * b + 4 * b + b + n + 2 * n) * 4,
+            Op::Model(_) => unreachable!("returned above"),
         }
     }
 }
@@ -201,23 +260,47 @@ fn precision_name(p: Precision) -> &'static str {
     }
 }
 
-/// A case's shape: `b` rows of `t` tokens, and `v` logits per token (log-prob ops only).
+/// A case's shape, of the kind its op takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shape {
-    /// Rows (sequences, pairs).
-    pub b: usize,
-    /// Tokens per row.
-    pub t: usize,
-    /// Vocabulary size (log-prob ops only; 0 elsewhere).
-    pub v: usize,
+pub enum Shape {
+    /// The loss family: `b` rows (sequences, pairs) of `t` tokens, and `v` logits per token
+    /// (log-prob ops only; 0 elsewhere). Printed `BxT` or `BxTxV`.
+    Tokens { b: usize, t: usize, v: usize },
+    /// Attention's geometry (attention, RoPE); for decode, `t` is the cache length the new token
+    /// completes. Printed `BxT NH:KVHxHD`.
+    Attn(AttnShape),
+    /// `n` rows of `c` values: norms, the embedding (`c` channels), SwiGLU (`c` = I), sampling
+    /// (`n` rows of `c` = V logits). Printed `NxC`.
+    Rows { n: usize, c: usize },
+    /// A linear layer: `n` rows of `c` inputs onto `oc` outputs. Printed `NxCxOC`.
+    Linear { n: usize, c: usize, oc: usize },
+    /// `n` elements (element-wise ops, the optimizer).
+    Flat(usize),
+}
+
+impl Shape {
+    /// (B, T, V) of a loss-family shape; panics on another kind (a broken case table).
+    fn tokens(self) -> (usize, usize, usize) {
+        match self {
+            Shape::Tokens { b, t, v } => (b, t, v),
+            _ => panic!("{self} is not a loss-family shape"),
+        }
+    }
 }
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.v > 0 {
-            write!(f, "{}x{}x{}", self.b, self.t, self.v)
-        } else {
-            write!(f, "{}x{}", self.b, self.t)
+        match *self {
+            Shape::Tokens { b, t, v: 0 } => write!(f, "{b}x{t}"),
+            Shape::Tokens { b, t, v } => write!(f, "{b}x{t}x{v}"),
+            Shape::Attn(a) => write!(
+                f,
+                "{}x{} {}:{}x{}",
+                a.b, a.t, a.n_head, a.n_kv_head, a.head_dim
+            ),
+            Shape::Rows { n, c } => write!(f, "{n}x{c}"),
+            Shape::Linear { n, c, oc } => write!(f, "{n}x{c}x{oc}"),
+            Shape::Flat(n) => write!(f, "{n}"),
         }
     }
 }
@@ -268,16 +351,41 @@ pub fn cases(quick: bool) -> Vec<(Op, Shape)> {
     let mut out = Vec::new();
     for op in ops {
         if op.precision().is_some() {
-            out.extend(vocab.iter().map(|&(b, t, v)| (op, Shape { b, t, v })));
+            out.extend(
+                vocab
+                    .iter()
+                    .map(|&(b, t, v)| (op, Shape::Tokens { b, t, v })),
+            );
         } else {
-            out.extend(tokens.iter().map(|&(b, t)| (op, Shape { b, t, v: 0 })));
+            out.extend(
+                tokens
+                    .iter()
+                    .map(|&(b, t)| (op, Shape::Tokens { b, t, v: 0 })),
+            );
         }
     }
+    let model = model::cases(quick);
+    out.extend(model.into_iter().map(|(m, s)| (Op::Model(m), s)));
     out
 }
 
 /// Random inputs for one case, shared by both backends.
-struct Data {
+enum Data {
+    Loss(LossData),
+    Model(model::Data),
+}
+
+impl Data {
+    fn new(op: Op, s: Shape, seed: u64) -> Data {
+        match op {
+            Op::Model(m) => Data::Model(model::Data::new(m, s, seed)),
+            _ => Data::Loss(LossData::new(op, s, seed)),
+        }
+    }
+}
+
+/// Random inputs for one loss-family case.
+struct LossData {
     rows: Rows,
     /// Right-padded: row 0 full, the last row (of two or more) all masked, others random.
     mask: Vec<f32>,
@@ -330,12 +438,13 @@ fn padded_mask(rng: &mut Rng, rows: Rows) -> Vec<f32> {
     mask
 }
 
-impl Data {
-    fn new(op: Op, s: Shape, seed: u64) -> Data {
+impl LossData {
+    fn new(op: Op, s: Shape, seed: u64) -> LossData {
+        let (b, t, v) = s.tokens();
         let mut rng = Rng::new(seed);
-        let rows = Rows { b: s.b, t: s.t };
+        let rows = Rows { b, t };
         let n = rows.n();
-        let mut d = Data {
+        let mut d = LossData {
             rows,
             mask: padded_mask(&mut rng, rows),
             mask2: padded_mask(&mut rng, rows),
@@ -348,25 +457,25 @@ impl Data {
             values_old: Vec::new(),
             returns: normal(&mut rng, n, 1.0),
             rewards: normal(&mut rng, n, 0.5),
-            scores: normal(&mut rng, s.b, 1.0),
+            scores: normal(&mut rng, b, 1.0),
             logits: Vec::new(),
             logits_bf16: Vec::new(),
             targets: Vec::new(),
             lse: Vec::new(),
             dlogp: normal(&mut rng, n, 1.0),
             dentropy: normal(&mut rng, n, 1.0),
-            v: s.v,
+            v,
         };
         d.values_old = (d.values.iter())
             .map(|&v| v + (0.8 * rng.uniform() - 0.4) as f32)
             .collect();
         if let Some(p) = op.precision() {
-            d.logits = normal(&mut rng, n * s.v, 2.0);
+            d.logits = normal(&mut rng, n * v, 2.0);
             if p == Precision::Bf16 {
                 d.logits_bf16 = d.logits.iter().map(|&x| bf16::from_f32(x)).collect();
                 d.logits = d.logits_bf16.iter().map(|x| x.to_f32()).collect();
             }
-            d.targets = (0..n).map(|_| rng.below(s.v) as u32).collect();
+            d.targets = (0..n).map(|_| rng.below(v) as u32).collect();
             if matches!(op, Op::LogprobBwd(_)) {
                 d.lse = Cpu.logprobs(&d, p)[2].clone();
             }
@@ -378,14 +487,14 @@ impl Data {
 /// The log-prob op on host data (a `ModelOps` member on the CPU, kernels on the emulator).
 trait LogprobOps: LossOps {
     /// logp, entropy, lse.
-    fn logprobs(&self, d: &Data, p: Precision) -> [Vec<f32>; 3];
+    fn logprobs(&self, d: &LossData, p: Precision) -> [Vec<f32>; 3];
     /// dlogits (from zero), widened to f32.
-    fn logprobs_grad(&self, d: &Data, p: Precision) -> Vec<f32>;
+    fn logprobs_grad(&self, d: &LossData, p: Precision) -> Vec<f32>;
 }
 
 impl LogprobOps for Cpu {
     // The CPU reads the (already bf16-rounded) logits widened, whatever the precision.
-    fn logprobs(&self, d: &Data, _: Precision) -> [Vec<f32>; 3] {
+    fn logprobs(&self, d: &LossData, _: Precision) -> [Vec<f32>; 3] {
         let n = d.targets.len();
         let [mut logp, mut ent, mut lse] = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
         let (logits, targets) = (&d.logits, &d.targets);
@@ -401,7 +510,7 @@ impl LogprobOps for Cpu {
         );
         [logp, ent, lse]
     }
-    fn logprobs_grad(&self, d: &Data, _: Precision) -> Vec<f32> {
+    fn logprobs_grad(&self, d: &LossData, _: Precision) -> Vec<f32> {
         let n = d.targets.len();
         let mut dl = vec![0.0; d.logits.len()];
         self.logprobs_backward(
@@ -420,7 +529,7 @@ impl LogprobOps for Cpu {
 }
 
 impl LogprobOps for Metered<Emu> {
-    fn logprobs(&self, d: &Data, p: Precision) -> [Vec<f32>; 3] {
+    fn logprobs(&self, d: &LossData, p: Precision) -> [Vec<f32>; 3] {
         let n = d.targets.len();
         let [mut logp, mut ent, mut lse] = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
         let logits = match p {
@@ -442,7 +551,7 @@ impl LogprobOps for Metered<Emu> {
         }));
         [logp, ent, lse]
     }
-    fn logprobs_grad(&self, d: &Data, p: Precision) -> Vec<f32> {
+    fn logprobs_grad(&self, d: &LossData, p: Precision) -> Vec<f32> {
         let n = d.targets.len();
         let run = |dlogits: LogitsMut<'_>, logits: Logits<'_>| {
             or_panic(self.timed(|| {
@@ -477,7 +586,7 @@ impl LogprobOps for Metered<Emu> {
 
 impl Metered<Cuda> {
     /// The log-prob forward on the device with logits of type `T`.
-    fn logprobs_on<T: Elem>(&self, d: &Data, logits: &[T]) -> [Vec<f32>; 3] {
+    fn logprobs_on<T: Elem>(&self, d: &LossData, logits: &[T]) -> [Vec<f32>; 3] {
         let c = &self.inner;
         let n = d.targets.len();
         let logits = or_panic(c.upload_slice(logits));
@@ -499,7 +608,7 @@ impl Metered<Cuda> {
 
     /// The log-prob backward on the device with logits (and logit gradients, from zero) of
     /// type `T`; the gradient comes back in `T`.
-    fn logprobs_grad_on<T: Elem>(&self, d: &Data, logits: &[T]) -> Vec<T> {
+    fn logprobs_grad_on<T: Elem>(&self, d: &LossData, logits: &[T]) -> Vec<T> {
         let c = &self.inner;
         let n = d.targets.len();
         let logits = or_panic(c.upload_slice(logits));
@@ -523,13 +632,13 @@ impl Metered<Cuda> {
 }
 
 impl LogprobOps for Metered<Cuda> {
-    fn logprobs(&self, d: &Data, p: Precision) -> [Vec<f32>; 3] {
+    fn logprobs(&self, d: &LossData, p: Precision) -> [Vec<f32>; 3] {
         match p {
             Precision::F32 => self.logprobs_on(d, &d.logits),
             Precision::Bf16 => self.logprobs_on(d, &d.logits_bf16),
         }
     }
-    fn logprobs_grad(&self, d: &Data, p: Precision) -> Vec<f32> {
+    fn logprobs_grad(&self, d: &LossData, p: Precision) -> Vec<f32> {
         match p {
             Precision::F32 => self.logprobs_grad_on(d, &d.logits),
             Precision::Bf16 => (self.logprobs_grad_on(d, &d.logits_bf16).iter())
@@ -547,11 +656,54 @@ fn host<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
     be.download(be.all(b))
 }
 
+/// What an op computes, flattened: every output, gradient and scalar, in a fixed order, in
+/// segments (one tensor, or a few scalars) that the error measures scale by.
+#[derive(Default)]
+struct Out {
+    values: Vec<f64>,
+    /// Each segment's end in `values`, and whether it must match exactly.
+    ends: Vec<(usize, bool)>,
+}
+
+impl Out {
+    /// Appends a segment compared by the op's measure.
+    fn extend(&mut self, x: impl IntoIterator<Item = f64>) {
+        self.values.extend(x);
+        self.ends.push((self.values.len(), false));
+    }
+    /// Appends a segment of one scalar.
+    fn push(&mut self, x: f64) {
+        self.extend([x]);
+    }
+    /// Appends a segment that must match exactly (ids, copies).
+    fn exact(&mut self, x: impl IntoIterator<Item = f64>) {
+        self.values.extend(x);
+        self.ends.push((self.values.len(), true));
+    }
+    /// Each segment's range in `values`, and whether it must match exactly.
+    fn segments(&self) -> impl Iterator<Item = (Range<usize>, bool)> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(end, _)| end));
+        starts
+            .zip(&self.ends)
+            .map(|(start, &(end, exact))| (start..end, exact))
+    }
+}
+
 /// Runs `op` on `be`, returning every output, gradient and scalar flattened, in a fixed order.
-fn run_op<B: LogprobOps>(be: &B, op: Op, d: &Data) -> Vec<f64> {
+fn run_op<B: LogprobOps + DecodeOps>(be: &B, op: Op, d: &Data) -> Out {
+    let mut out = Out::default();
+    match (op, d) {
+        (Op::Model(m), Data::Model(d)) => model::run(be, m, d, &mut out),
+        (_, Data::Loss(d)) => run_loss(be, op, d, &mut out),
+        _ => unreachable!("a case's data is made for its op"),
+    }
+    out
+}
+
+/// [`run_op`] for the loss family.
+fn run_loss<B: LogprobOps>(be: &B, op: Op, d: &LossData, out: &mut Out) {
     let (rows, n) = (d.rows, d.rows.n());
     let up = |x: &[f32]| be.upload(x);
-    let mut out: Vec<f64> = Vec::new();
     match op {
         Op::LogprobFwd(p) => be.logprobs(d, p).iter().for_each(|x| out.extend(widen(x))),
         Op::LogprobBwd(p) => out.extend(widen(&be.logprobs_grad(d, p))),
@@ -787,8 +939,8 @@ fn run_op<B: LogprobOps>(be: &B, op: Op, d: &Data) -> Vec<f64> {
                 out.extend(widen(&host(be, b)));
             }
         }
+        Op::Model(_) => unreachable!("the model family runs in model::run"),
     }
-    out
 }
 
 /// Errors of `got` against `want`.
@@ -798,18 +950,41 @@ pub struct Errors {
     pub abs: f64,
     /// Largest `|got - want| / |want|` over nonzero `want` (masked outputs are exactly 0).
     pub rel: f64,
-    /// Largest `|got - want| / max(1, |want|)`, the measure the tolerances bound; NaN if any
-    /// value is NaN on one side only.
+    /// Largest scaled error, `|got - want|` over the op's scale (module docs), the measure the
+    /// tolerances bound; infinite where an exact value differs, NaN if any value is NaN on one
+    /// side only.
     pub scaled: f64,
 }
 
-fn errors(got: &[f64], want: &[f64]) -> Errors {
+/// Per value of `want`, what its error is divided by, by the op's measure (module docs); 0 for
+/// values that must be exact. The GEMMs' Σ|terms| come from the CPU op on `d`'s magnitudes.
+fn scales(op: Op, d: &Data, want: &Out) -> Vec<f64> {
+    let measure = op.measure();
+    let terms = match d {
+        Data::Model(d) if measure == Measure::Terms => {
+            run_op(&Cpu, op, &Data::Model(d.magnitudes())).values
+        }
+        _ => Vec::new(),
+    };
+    let mut scale = vec![0.0; want.values.len()];
+    for (r, _) in want.segments().filter(|&(_, exact)| !exact) {
+        let w = &want.values[r.clone()];
+        match measure {
+            Measure::Value => (scale[r].iter_mut().zip(w)).for_each(|(s, v)| *s = v.abs().max(1.0)),
+            Measure::Tensor => scale[r].fill(w.iter().fold(1.0, |m, v| v.abs().max(m))),
+            Measure::Terms => scale[r.clone()].copy_from_slice(&terms[r]),
+        }
+    }
+    scale
+}
+
+fn errors(got: &Out, want: &Out, scale: &[f64]) -> Errors {
     let mut e = Errors::default();
-    if got.len() != want.len() {
+    if got.values.len() != want.values.len() || got.ends != want.ends {
         e.scaled = f64::NAN;
         return e;
     }
-    for (&g, &w) in got.iter().zip(want) {
+    for ((&g, &w), &s) in got.values.iter().zip(&want.values).zip(scale) {
         let d = (g - w).abs();
         if d.is_nan() && !(g.is_nan() && w.is_nan()) {
             e.scaled = f64::NAN;
@@ -819,7 +994,10 @@ fn errors(got: &[f64], want: &[f64]) -> Errors {
         if w != 0.0 {
             e.rel = e.rel.max(d / w.abs());
         }
-        e.scaled = e.scaled.max(d / w.abs().max(1.0));
+        // A difference where the scale is 0 (an exact value) is infinite.
+        if d > 0.0 {
+            e.scaled = e.scaled.max(d / s);
+        }
     }
     e
 }
@@ -978,7 +1156,8 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 /// no softmax); 0 for the other ops.
 fn lse_bytes(op: Op, shape: Shape) -> usize {
     if op.precision().is_some() {
-        shape.b * shape.t * 4
+        let (b, t, _) = shape.tokens();
+        b * t * 4
     } else {
         0
     }
@@ -1030,15 +1209,16 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
 fn model_parity_on<B: crate::backend::DecodeOps>(be: &B) -> anyhow::Result<()> {
     use crate::model_parity::{failures, logprobs, training_step, Weights};
     println!(
-        "\nwhole model vs CPU (bf16 GEMMs): loss, gradient and AdamW update of one step; \
-         teacher-forced log-probs; sampling (decode) vs training (full-sequence) log-prob gap"
+        "\nwhole model vs CPU (bf16 GEMMs; llama-hd64 also bf16 tensor-core attention): loss, \
+         gradient and optimizer step of one training step; teacher-forced log-probs; sampling \
+         (decode) vs training (full-sequence) log-prob gap"
     );
     println!(
         "{:<11} {:>9} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}  result",
         "model", "loss", "dloss", "grad relL2", "step relL2", "logp relL2", "gap mean", "gap max"
     );
     let mut failed = Vec::new();
-    for name in ["llama-tiny", "gpt2-tiny"] {
+    for name in ["llama-tiny", "gpt2-tiny", "llama-hd64"] {
         let w = Weights::builtin(name, 97, 5)?;
         let s = training_step(be, &w, 11)?;
         let l = logprobs(be, &w, 8, 13)?;
@@ -1057,7 +1237,11 @@ fn model_parity_on<B: crate::backend::DecodeOps>(be: &B) -> anyhow::Result<()> {
         );
         failed.extend(bad.into_iter().map(|b| format!("{name}: {b}")));
     }
-    anyhow::ensure!(failed.is_empty(), "whole model over tolerance: {}", failed.join("; "));
+    anyhow::ensure!(
+        failed.is_empty(),
+        "whole model over tolerance: {}",
+        failed.join("; ")
+    );
     println!("whole model within tolerance");
     Ok(())
 }
@@ -1067,11 +1251,14 @@ where
     Metered<L>: LogprobOps,
 {
     println!(
-        "tolerances: scaled error |got-want|/max(1,|want|) <= {TOL_F32:.0e} (f32, bf16 forward), \
-         <= {TOL_BF16:.1e} (bf16 backward: gradient stored in bf16)"
+        "tolerances: scaled error |got-want|/scale <= {TOL_F32:.0e} (f32, bf16 forward, GEMMs on \
+         bf16 operands), <= {TOL_BF16:.1e} (bf16 log-prob backward: gradient stored in bf16), \
+         <= {TOL_ATTN_BF16:.1e} (tensor-core attention: bf16 P, dS and outputs); scale: \
+         max(1,|want|) (loss family), max(1,max|tensor|) (model family), sum|terms| (GEMMs); \
+         sampled ids and copies exact"
     );
     println!(
-        "{:<22} {:>12} {:>10} {:>10} {:>10} {:>9}  result",
+        "{:<22} {:>14} {:>10} {:>10} {:>10} {:>9}  result",
         "kernel", "shape", "max abs", "max rel", "kernel ms", "GB/s"
     );
     let mut failed = Vec::new();
@@ -1081,14 +1268,14 @@ where
         metered.take_kernel_secs();
         let got = run_op(metered, op, &d);
         let secs = metered.take_kernel_secs();
-        let e = errors(&got, &want);
+        let e = errors(&got, &want, &scales(op, &d, &want));
         // An all-zero reference would make any kernel pass: that is a broken case, not a pass.
-        let pass = e.scaled <= op.tolerance() && want.iter().any(|&w| w != 0.0);
+        let pass = e.scaled <= op.tolerance() && want.values.iter().any(|&w| w != 0.0);
         if !pass {
             failed.push(format!("{} {shape}", op.name()));
         }
         println!(
-            "{:<22} {:>12} {:>10.2e} {:>10.2e} {:>10.3} {:>9.2e}  {}",
+            "{:<22} {:>14} {:>10.2e} {:>10.2e} {:>10.3} {:>9.2e}  {}",
             op.name(),
             shape.to_string(),
             e.abs,
@@ -1139,7 +1326,7 @@ where
 {
     let name = metered.name();
     println!(
-        "{:<22} {:>12} {:>10} {:>10} {:>9} {:>14}",
+        "{:<22} {:>14} {:>10} {:>10} {:>9} {:>14}",
         "kernel",
         "shape",
         format!("{name} ms"),
@@ -1165,7 +1352,7 @@ where
             .map(|_| timed(|| run_op(&Cpu, op, &d)).1)
             .fold(f64::INFINITY, f64::min);
         println!(
-            "{:<22} {:>12} {:>10.3} {:>10.3} {:>9.2} {:>14}",
+            "{:<22} {:>14} {:>10.3} {:>10.3} {:>9.2} {:>14}",
             op.name(),
             shape.to_string(),
             kernel * 1e3,
@@ -1248,7 +1435,7 @@ fn logprob_bandwidth(cuda: &Cuda, quick: bool, repeats: usize) -> anyhow::Result
         )
     })?;
     let copied = best(&mut || cuda.copy_on_device(copy.view_mut(), logits.view()))?;
-    let shape = Shape { b: 1, t: n, v };
+    let shape = Shape::Tokens { b: 1, t: n, v };
     let kernel_bw = Op::LogprobFwd(Precision::Bf16).io_bytes(shape) as f64 / kernel;
     let copy_bw = 2.0 * logit_bytes as f64 / copied;
     println!(

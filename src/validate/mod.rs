@@ -1183,8 +1183,9 @@ fn select(device: DeviceChoice) -> anyhow::Result<Selected> {
 }
 
 /// `rlhf validate`: every case of [`cases`] on the kernels — on the device `--device` selects,
-/// else emulated — against the CPU reference; prints one table row per case and fails if any
-/// case is over its tolerance. The time is the op's kernel time ([`Metered`]); GB/s is
+/// else emulated — against the CPU reference; prints one table row per case (max abs and rel
+/// error, the scaled error the tolerance bounds, kernel time, bandwidth) and fails if any case
+/// is over its tolerance. The time is the op's kernel time ([`Metered`]); GB/s is
 /// [`Op::io_bytes`] over that time.
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     match select(args.device)? {
@@ -1258,8 +1259,8 @@ where
          sampled ids and copies exact"
     );
     println!(
-        "{:<22} {:>14} {:>10} {:>10} {:>10} {:>9}  result",
-        "kernel", "shape", "max abs", "max rel", "kernel ms", "GB/s"
+        "{:<22} {:>14} {:>10} {:>10} {:>10} {:>10} {:>9}  result",
+        "kernel", "shape", "max abs", "max rel", "scaled", "kernel ms", "GB/s"
     );
     let mut failed = Vec::new();
     for (i, (op, shape)) in cases(quick).into_iter().enumerate() {
@@ -1275,11 +1276,12 @@ where
             failed.push(format!("{} {shape}", op.name()));
         }
         println!(
-            "{:<22} {:>14} {:>10.2e} {:>10.2e} {:>10.3} {:>9.2e}  {}",
+            "{:<22} {:>14} {:>10.2e} {:>10.2e} {:>10.2e} {:>10.3} {:>9.2e}  {}",
             op.name(),
             shape.to_string(),
             e.abs,
             e.rel,
+            e.scaled,
             secs * 1e3,
             op.io_bytes(shape) as f64 / secs / 1e9,
             if pass { "PASS" } else { "FAIL" }

@@ -246,6 +246,7 @@ impl ModelOp {
                 // Forward: inp (2I); out (I). Backward: inp, dout; dinp (+=).
                 f * n * i * (3 + 2 + 1 + 4)
             }
+            // add: a, b; out. add_inplace: x; acc (+=). scale: x read and written.
             ModelOp::Residual => 8 * f * flat(s),
             ModelOp::SumSquares => f * flat(s) + 8,
             // params, m and v read and written, grads read.
@@ -305,17 +306,19 @@ fn heads(b: usize, t: usize, n_head: usize, n_kv_head: usize, head_dim: usize) -
     })
 }
 
-/// The model family's rows of the sweep. Attention: a single token, T = 33 and 70 (one key past
-/// a tile, and three tiles, the last partial), GQA ratios 1 and 4, head dims 16, 64 and 128.
-/// Decode: cache lengths of one column, of a tile and a few more, GQA 1 and 4. Norms, SwiGLU and
-/// the embedding: one row, widths below, at and above the 256-thread block. GEMMs: one row, one
+/// The model family's rows of the sweep; every op has a one-row (one-token, one-element) case.
+/// Attention: a single token, and T = 7, 33, 45, 70, 100, 129 (no multiple of the 32-key tile),
+/// GQA ratios 1 and 4, head dims 16 (and 48) on the f32 kernels, 64 and 128 on the tensor cores
+/// (the backend's choice). Decode: cache lengths of one column and past a tile, GQA 1 and 4.
+/// Norms, SwiGLU and the embedding: widths below, at and above the 256-thread block. GEMMs: one
 /// column, sizes that are multiples of nothing, rows past the bias gradient's 32-row chunk.
-/// Sampling: vocabularies below, at and above the block.
+/// Sampling: vocabularies below, at and above the block. The full sweep adds larger shapes.
 pub(super) fn cases(quick: bool) -> Vec<(ModelOp, Shape)> {
     let attention: &[Shape] = if quick {
         &[
             heads(1, 1, 2, 2, 16),
             heads(2, 33, 4, 1, 16),
+            heads(1, 1, 4, 1, 64),
             heads(2, 33, 4, 1, 64),
             heads(2, 7, 2, 2, 128),
         ]
@@ -375,8 +378,8 @@ pub(super) fn cases(quick: bool) -> Vec<(ModelOp, Shape)> {
         &[(1, 1), (5, 37), (33, 257), (64, 2048)],
     );
     let sampling = row_shapes(
-        &[(2, 37), (3, 1000)],
-        &[(2, 37), (3, 256), (4, 1000), (8, 32_000)],
+        &[(1, 37), (3, 1000)],
+        &[(1, 37), (3, 256), (4, 1000), (8, 32_000)],
     );
     let gemm: Vec<Shape> = if quick {
         &[(1, 37, 5), (3, 1, 7), (7, 33, 130), (67, 50, 3)][..]

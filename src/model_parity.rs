@@ -75,7 +75,11 @@ impl Diff {
 
 impl std::fmt::Display for Diff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "max abs {:.2e}, rel L2 {:.2e}", self.max_abs, self.rel_l2)
+        write!(
+            f,
+            "max abs {:.2e}, rel L2 {:.2e}",
+            self.max_abs, self.rel_l2
+        )
     }
 }
 
@@ -267,13 +271,15 @@ pub fn logprobs<B: DecodeOps>(
         gap_mean: sum / count.max(1) as f64,
         gap_max: max,
         gap_tokens: count,
-        bf16_attention: crate::backend::emu::model_ops::bf16_attention(&crate::backend::AttnShape {
-            b: 1,
-            t: 1,
-            n_head: cfg.n_head,
-            n_kv_head: cfg.n_kv_head,
-            head_dim: cfg.head_dim,
-        }),
+        bf16_attention: crate::backend::emu::model_ops::bf16_attention(
+            &crate::backend::AttnShape {
+                b: 1,
+                t: 1,
+                n_head: cfg.n_head,
+                n_kv_head: cfg.n_kv_head,
+                head_dim: cfg.head_dim,
+            },
+        ),
     })
 }
 

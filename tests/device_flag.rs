@@ -54,13 +54,22 @@ fn sft_on_the_emulated_kernels_tracks_the_cpu() {
     };
     sft::train(&Cpu, &args("cpu")).unwrap();
     sft::train(&Emu::default(), &args("emu")).unwrap();
-    let (cpu, emu) = (losses(&dir.path().join("cpu")), losses(&dir.path().join("emu")));
+    let (cpu, emu) = (
+        losses(&dir.path().join("cpu")),
+        losses(&dir.path().join("emu")),
+    );
     assert_eq!(cpu.len(), 6);
     assert_eq!(emu.len(), 6);
     for (i, (c, e)) in cpu.iter().zip(&emu).enumerate() {
-        assert!((c - e).abs() < 0.01 * c, "step {i}: CPU loss {c}, emulated {e}");
+        assert!(
+            (c - e).abs() < 0.01 * c,
+            "step {i}: CPU loss {c}, emulated {e}"
+        );
     }
-    assert!(emu[5] < emu[0] - 0.1, "the emulated run did not learn: {emu:?}");
+    assert!(
+        emu[5] < emu[0] - 0.1,
+        "the emulated run did not learn: {emu:?}"
+    );
 }
 
 /// `--device cuda` where there is no GPU names the flag, says what is missing and how to run
@@ -72,12 +81,23 @@ fn generate_device_flag() {
         Command::new(env!("CARGO_BIN_EXE_rlhf"))
             .args(["generate", "--model"])
             .arg(&model)
-            .args(["--prompt", "hi", "--max-new-tokens", "3", "--device", device])
+            .args([
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "3",
+                "--device",
+                device,
+            ])
             .output()
             .unwrap()
     };
     let emu = run("emu");
-    assert!(emu.status.success(), "{}", String::from_utf8_lossy(&emu.stderr));
+    assert!(
+        emu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&emu.stderr)
+    );
     let line: serde_json::Value = serde_json::from_slice(&emu.stdout).unwrap();
     assert_eq!(line["tokens"].as_array().unwrap().len(), 3);
     assert!(String::from_utf8_lossy(&emu.stderr).contains("emulator"));
@@ -86,7 +106,9 @@ fn generate_device_flag() {
         assert!(!cuda.status.success());
         let err = String::from_utf8_lossy(&cuda.stderr);
         assert!(
-            err.contains("--device") && err.contains("no CUDA driver") && err.contains("--device cpu"),
+            err.contains("--device")
+                && err.contains("no CUDA driver")
+                && err.contains("--device cpu"),
             "{err}"
         );
     }
@@ -97,14 +119,28 @@ fn generate_device_flag() {
 #[test]
 fn grpo_benchmark_runs_on_the_emulator() {
     let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-        .args(["bench", "grpo", "--device", "emu", "--configs", "llama-tiny"])
+        .args([
+            "bench",
+            "grpo",
+            "--device",
+            "emu",
+            "--configs",
+            "llama-tiny",
+        ])
         .args(["--betas", "0.04", "--prompts", "2", "--generations", "2"])
         .args(["--max-new-tokens", "8", "--iterations", "1"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("TRL (PyTorch on the CPU) not compared"), "{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("TRL (PyTorch on the CPU) not compared"),
+        "{text}"
+    );
     let row = text
         .lines()
         .find(|l| l.starts_with("llama-tiny"))

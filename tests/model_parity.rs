@@ -36,16 +36,26 @@ fn check(name: &str, w: &Weights) {
     // Tensor-core attention is bf16 whatever the GEMMs do: no f32-exact run to compare then.
     if !bf16_attention(&shape) {
         let exact = training_step(&Emu::default().with_f32_gemm(), w, 7).unwrap();
-        eprintln!("{name} (f32 GEMMs): loss {:?}, grads {}", exact.loss, exact.grads);
+        eprintln!(
+            "{name} (f32 GEMMs): loss {:?}, grads {}",
+            exact.loss, exact.grads
+        );
         assert!(
             (exact.loss.0 - exact.loss.1).abs() < F32_REL_L2 * exact.loss.0,
             "{name}: f32 loss {:?}",
             exact.loss
         );
-        assert!(exact.grads.rel_l2 < F32_REL_L2, "{name}: f32 gradients {}", exact.grads);
+        assert!(
+            exact.grads.rel_l2 < F32_REL_L2,
+            "{name}: f32 gradients {}",
+            exact.grads
+        );
     }
     let s = training_step(&Emu::default(), w, 7).unwrap();
-    eprintln!("{name}: loss {:?}, grads {}, update {}", s.loss, s.grads, s.update);
+    eprintln!(
+        "{name}: loss {:?}, grads {}, update {}",
+        s.loss, s.grads, s.update
+    );
     let l = logprobs(&Emu::default(), w, 6, 3).unwrap();
     eprintln!(
         "{name}: teacher-forced {}, gap mean {:.2e} max {:.2e} over {} tokens",
@@ -73,5 +83,8 @@ fn qwen2_step_and_logprobs_match_the_cpu() {
 /// Head dim 64: training attends on the tensor cores (bf16 copies of q, k, v), decoding in f32.
 #[test]
 fn tensor_core_attention_step_and_logprobs_match_the_cpu() {
-    check("llama-hd64", &Weights::builtin("llama-hd64", 97, 5).unwrap());
+    check(
+        "llama-hd64",
+        &Weights::builtin("llama-hd64", 97, 5).unwrap(),
+    );
 }

@@ -12,8 +12,8 @@
 //! Normalisation: each micro-batch's loss is the mean over its pairs; with gradient
 //! accumulation the step uses the mean of the micro-batch gradients, as in SFT.
 
-use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft::{self, HEAD_CHUNK};
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::loss::{DpoCfg, DpoGrad, DpoInputs, DpoLoss, DpoOutputs, LossOps, Rows};
 use crate::backend::ModelOps;
 use crate::checkpoint::{self, LrSchedule, Run, RunOptions, TrainerState};
@@ -806,7 +806,10 @@ pub fn run(args: &DpoArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }
 
-fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &DpoArgs) -> anyhow::Result<()> {
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(
+    be: &B,
+    args: &DpoArgs,
+) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(

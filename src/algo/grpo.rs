@@ -25,8 +25,8 @@
 //! Checkpoints fall on rollout boundaries (the step after which a new batch is sampled), so a
 //! resumed run re-samples from the saved RNG state and continues exactly.
 
-use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft::HEAD_CHUNK;
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::loss::{
     Advantages, Aggregation, GroupAdvCfg, GroupBaseline, GroupScale, KlEstimator, KlRewardCfg,
     PolicyLossCfg, PolicyLossGrad, PolicyLossInputs, PolicyLossStats,
@@ -1176,7 +1176,10 @@ pub fn run(args: &GrpoArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }
 
-fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &GrpoArgs) -> anyhow::Result<()> {
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(
+    be: &B,
+    args: &GrpoArgs,
+) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(

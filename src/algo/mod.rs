@@ -22,9 +22,10 @@ fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
 macro_rules! with_backend {
     ($device:expr, |$be:ident| $body:expr) => {{
         use $crate::backend::cuda::Selected;
-        match $device.select().map_err(|e| {
-            anyhow::anyhow!("--device: {e} (--device cpu runs on the CPU backend)")
-        })? {
+        match $device
+            .select()
+            .map_err(|e| anyhow::anyhow!("--device: {e} (--device cpu runs on the CPU backend)"))?
+        {
             Selected::Cpu => {
                 let $be = &$crate::backend::cpu::Cpu;
                 $body
@@ -35,7 +36,9 @@ macro_rules! with_backend {
                 $body
             }
             Selected::Emu => {
-                eprintln!("running the CUDA kernels on the emulator (CPU shim): slow, for checking");
+                eprintln!(
+                    "running the CUDA kernels on the emulator (CPU shim): slow, for checking"
+                );
                 let $be = &$crate::backend::emu::Emu::default();
                 $body
             }

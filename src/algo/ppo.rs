@@ -30,10 +30,10 @@
 //! own clip, so a large value gradient cannot shrink the policy's step. The learning rate
 //! follows the crate's schedule (warmup, cosine) once per PPO step, where TRL decays linearly.
 
-use crate::backend::cuda::DeviceChoice;
 use crate::algo::grpo::{correct_sampling, is_correction_cap};
 use crate::algo::reward::score_model_from_lm;
 use crate::algo::sft::{self, HEAD_CHUNK};
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::loss::{
     Advantages, Aggregation, GaeCfg, Grad, KlEstimator, KlInputs, KlRewardCfg, LossOps,
     PolicyLossCfg, PolicyLossGrad, PolicyLossInputs, ValueLossCfg, ValueLossInputs,
@@ -1054,7 +1054,10 @@ pub fn run(args: &PpoArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }
 
-fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &PpoArgs) -> anyhow::Result<()> {
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(
+    be: &B,
+    args: &PpoArgs,
+) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(

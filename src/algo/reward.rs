@@ -10,8 +10,8 @@
 //! Normalisation: each micro-batch's loss is the mean over its pairs; with gradient
 //! accumulation the step uses the mean of the micro-batch gradients, as in SFT.
 
-use crate::backend::cuda::DeviceChoice;
 use crate::algo::sft;
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::loss::{BtCfg, BtGrad, LossOps};
 use crate::backend::ModelOps;
 use crate::checkpoint::{self, LrSchedule, Run, RunOptions, TrainerState};
@@ -591,7 +591,10 @@ pub fn run(args: &RmArgs) -> anyhow::Result<()> {
     crate::with_backend!(args.device, |be| run_on(be, args))
 }
 
-fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(be: &B, args: &RmArgs) -> anyhow::Result<()> {
+fn run_on<B: crate::backend::DecodeOps + crate::backend::LossOps>(
+    be: &B,
+    args: &RmArgs,
+) -> anyhow::Result<()> {
     let mut args = args.clone();
     if args.out.is_none() {
         anyhow::ensure!(

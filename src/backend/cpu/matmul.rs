@@ -178,6 +178,11 @@ const SKINNY_GROUP: usize = 8;
 /// loads (16 accumulators + 2 weight + 1 input vector fit AVX-512's 32 registers).
 const SKINNY_PAIR: usize = 2;
 
+/// How far ahead of the multiply-adds each weight row is prefetched, in floats (2 KiB). The
+/// hardware prefetcher alone keeps too few lines in flight for the two interleaved row streams:
+/// measured here, this lifts the decode GEMVs from about 14 to 19 GB/s (2 threads).
+const SKINNY_PREFETCH: usize = 512;
+
 /// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each weight
 /// row is streamed once and dotted with all input rows (which stay in L1) at the same time.
 /// Unlike gemm it packs nothing, hence allocates nothing: the decode loop relies on that.
@@ -261,6 +266,19 @@ fn skinny_dots1(dots: &mut [f32; SKINNY_GROUP], w: &[f32], x: &[f32]) {
     skinny_dots_body::<1>(std::array::from_mut(dots), w, x)
 }
 
+/// Asks for the cache line at `p` to be loaded into L1.
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    // SAFETY: a prefetch is only a hint: it never faults, whatever the address (the pointer
+    // may run past the weights near their end).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The dots of `J` weight rows with 8 input rows. Each output's arithmetic is the same whatever
 /// `J`: 16 lane sums over the whole lane blocks in order, a fixed pairwise combination of the
 /// lanes, then the tail in order.
@@ -288,6 +306,9 @@ fn skinny_dots_body<const J: usize>(dots: &mut [[f32; SKINNY_GROUP]; J], w: &[f3
         // row r of `x` (lengths asserted above). Unchecked: the bounds checks were half the
         // loop's instructions.
         let wk: [&[f32; SKINNY_LANES]; J] = std::array::from_fn(|j| unsafe { block(w, j * c + k) });
+        for j in 0..J {
+            prefetch(w.as_ptr().wrapping_add(j * c + k + SKINNY_PREFETCH));
+        }
         // The rows are unrolled by hand: left as a loop, LLVM vectorises it across the 8 rows
         // with gathers (4x slower) instead of across the lanes.
         macro_rules! rows {

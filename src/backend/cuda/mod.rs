@@ -359,8 +359,16 @@ impl Cuda {
 
     /// Copies a device view into host memory the caller owns (same length), once the work queued
     /// before is done.
-    pub fn copy_to_host<T: Elem>(&self, v: DevView<'_, T>, dst: &mut [T]) -> Result<(), KernelError> {
-        assert_eq!(v.len, dst.len(), "copy_to_host: view and destination differ in length");
+    pub fn copy_to_host<T: Elem>(
+        &self,
+        v: DevView<'_, T>,
+        dst: &mut [T],
+    ) -> Result<(), KernelError> {
+        assert_eq!(
+            v.len,
+            dst.len(),
+            "copy_to_host: view and destination differ in length"
+        );
         if v.len > 0 {
             self.bind("copy to host")?;
             // SAFETY: `v` addresses `v.len` values of T (a view's promise) and `dst` holds as

@@ -19,9 +19,9 @@ pub mod plans {
 
     use crate::backend::emu::plan::{int, Arg, DevPtr, Kernel, Launch, FLAT_BLOCK};
     use crate::backend::emu::plan::{
-        ADAMW_F32, ADD_F32, ADD_INPLACE_F32, EMBEDDING_BWD_F32, EMBEDDING_FWD_F32, GELU_BWD_F32,
-        GELU_FWD_F32, KV_CACHE_STORE_F32, ROPE_F32, SCALE_F32, SUM_SQUARES_F32, SWIGLU_BWD_F32,
-        SWIGLU_FWD_F32, ADD_BF16_F32, TO_BF16_F32,
+        ADAMW_F32, ADD_BF16_F32, ADD_F32, ADD_INPLACE_F32, EMBEDDING_BWD_F32, EMBEDDING_FWD_F32,
+        GELU_BWD_F32, GELU_FWD_F32, KV_CACHE_STORE_F32, ROPE_F32, SCALE_F32, SUM_SQUARES_F32,
+        SWIGLU_BWD_F32, SWIGLU_FWD_F32, TO_BF16_F32,
     };
     use crate::backend::{AdamW, AttnShape};
 

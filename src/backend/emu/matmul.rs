@@ -469,14 +469,16 @@ fn pack(x: &[f32], trans: Trans, rows: usize, cols: usize, ld: usize, round: boo
         Trans::T => x[j + i * ld],
     };
     (0..cols)
-        .flat_map(|j| (0..rows).map(move |i| {
-            let x = at(i, j);
-            if round {
-                half::bf16::from_f32(x).to_f32()
-            } else {
-                x
-            }
-        }))
+        .flat_map(|j| {
+            (0..rows).map(move |i| {
+                let x = at(i, j);
+                if round {
+                    half::bf16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            })
+        })
         .collect()
 }
 

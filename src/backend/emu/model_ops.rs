@@ -12,8 +12,8 @@
 //! parameters are the f32 master weights AdamW updates; the GEMMs' rounding is the model's bf16
 //! copy, made as each product reads them.
 
-use super::ops::{self, input, output, KernelError, Launcher};
 use super::elementwise::plans;
+use super::ops::{self, input, output, KernelError, Launcher};
 use super::plan::{self, AttnDtype, AttnKernel, DevPtr, Dtype};
 use crate::backend::AttnShape;
 
@@ -33,7 +33,11 @@ pub fn norm_forward<L: Launcher>(
     eps: f32,
 ) -> Result<(), KernelError> {
     let layer = mean.is_some();
-    assert_eq!(layer, b.is_some(), "norm_forward: LayerNorm needs both mean and b");
+    assert_eq!(
+        layer,
+        b.is_some(),
+        "norm_forward: LayerNorm needs both mean and b"
+    );
     let p = plan::NormFwdPtrs {
         inp: input(l, inp, n * c, "norm_forward: inp"),
         w: input(l, w, c, "norm_forward: w"),

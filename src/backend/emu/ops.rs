@@ -90,11 +90,21 @@ pub(crate) fn input<B: Launcher>(be: &B, v: B::View<'_>, want: usize, what: &str
     be.ptr(v)
 }
 
-pub(crate) fn opt_input<B: Launcher>(be: &B, v: Option<B::View<'_>>, want: usize, what: &str) -> DevPtr {
+pub(crate) fn opt_input<B: Launcher>(
+    be: &B,
+    v: Option<B::View<'_>>,
+    want: usize,
+    what: &str,
+) -> DevPtr {
     v.map_or(DevPtr::NULL, |v| input(be, v, want, what))
 }
 
-pub(crate) fn output<B: Launcher>(be: &B, v: &mut B::ViewMut<'_>, want: usize, what: &str) -> DevPtr {
+pub(crate) fn output<B: Launcher>(
+    be: &B,
+    v: &mut B::ViewMut<'_>,
+    want: usize,
+    what: &str,
+) -> DevPtr {
     check_len(what, be.view_mut_len(v), want);
     be.ptr_mut(v)
 }

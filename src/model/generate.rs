@@ -7,9 +7,9 @@
 //! Tokens are picked by the backend ([`DecodeOps::sample_tokens`]) where the logits are: only
 //! the ids and log-probs of the rows still generating come back, not (B, V) logits.
 
-use crate::backend::cuda::DeviceChoice;
 use super::tokenizer::Tokenizer;
 use super::transformer::{Batch, DecodeState, Model, Pad};
+use crate::backend::cuda::DeviceChoice;
 use crate::backend::{DecodeOps, SampleParams};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -111,9 +111,7 @@ pub fn generate<B: DecodeOps>(
     }
     let pad = model.cfg.pad_token_id.unwrap_or(0);
     let batch = Batch::new(prompts, pad, Pad::Left);
-    let _t0 = std::time::Instant::now();
     let mut state = model.prefill(be, &batch, cfg.max_new_tokens)?;
-    super::transformer::TT[12].fetch_add(_t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     let mut picks = Picks::new(b);
     let mut next = vec![pad; b];
     let mut done = vec![false; b];
@@ -122,11 +120,9 @@ pub fn generate<B: DecodeOps>(
     // allocates a block every few dozen jobs.
     rayon::scope(|_| {
         for step in 0..cfg.max_new_tokens {
-            let _t0 = std::time::Instant::now();
             sample_step(
                 be, &state, &mut picks, v, cfg, rng, &mut next, &mut done, &mut out, tokenizer,
             )?;
-            super::transformer::TT[11].fetch_add(_t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
             if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
                 break;
             }
@@ -134,7 +130,6 @@ pub fn generate<B: DecodeOps>(
         }
         Ok::<_, Error>(())
     })?;
-    if std::env::var("TT").is_ok() { eprintln!("TT {:?}", super::transformer::TT.iter().map(|x| x.swap(0, std::sync::atomic::Ordering::Relaxed) / 1000).collect::<Vec<_>>()); }
     Ok(out)
 }
 

@@ -889,12 +889,10 @@ impl<B: DecodeOps> Model<B> {
             state.key_mask[r * state.t_max + col] = true;
         }
         let s = state;
-        let mut _t = std::time::Instant::now();
         be.embedding_forward(be.all_mut(&mut s.x), self.p(be, &l.embed), ids, c, false);
         if let Some(pe) = &l.pos_embed {
             be.embedding_forward(be.all_mut(&mut s.x), self.p(be, pe), &s.next_pos, c, true);
         }
-        tt_mark(&mut _t, 0);
         for (bp, (kc, vc)) in l.blocks.iter().zip(s.k.iter_mut().zip(s.v.iter_mut())) {
             self.norm_forward(
                 be,
@@ -906,9 +904,7 @@ impl<B: DecodeOps> Model<B> {
                 &bp.ln1_b,
                 b,
             );
-        tt_mark(&mut _t, 1);
             self.linear_into(be, &mut s.qkv, &s.ln, &bp.qkv_w, &bp.qkv_b, b, c, qkv_w);
-        tt_mark(&mut _t, 2);
             if let Some(theta) = self.rope_theta() {
                 be.rope_forward(be.all_mut(&mut s.qkv), &s.next_pos, shape, theta);
             }
@@ -920,7 +916,6 @@ impl<B: DecodeOps> Model<B> {
                 col,
                 s.t_max,
             );
-        tt_mark(&mut _t, 3);
             be.attention_decode(
                 be.all_mut(&mut s.att),
                 be.all(&s.qkv),
@@ -931,11 +926,8 @@ impl<B: DecodeOps> Model<B> {
                 col + 1,
                 s.t_max,
             );
-        tt_mark(&mut _t, 4);
             self.linear_into(be, &mut s.o, &s.att, &bp.o_w, &bp.o_b, b, a, c);
-        tt_mark(&mut _t, 5);
             be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
-        tt_mark(&mut _t, 6);
             self.norm_forward(
                 be,
                 &mut s.ln,
@@ -946,19 +938,14 @@ impl<B: DecodeOps> Model<B> {
                 &bp.ln2_b,
                 b,
             );
-        tt_mark(&mut _t, 1);
             self.linear_into(be, &mut s.fc, &s.ln, &bp.fc_w, &bp.fc_b, b, c, f);
-        tt_mark(&mut _t, 7);
             match cfg.act {
                 Act::Gelu => be.gelu_forward(be.all_mut(&mut s.act), be.all(&s.fc)),
                 Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut s.act), be.all(&s.fc), b, i),
             }
-        tt_mark(&mut _t, 8);
             self.linear_into(be, &mut s.o, &s.act, &bp.proj_w, &bp.proj_b, b, i, c);
-        tt_mark(&mut _t, 9);
             be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
         }
-        tt_mark(&mut _t, 6);
         self.norm_forward(
             be,
             &mut s.ln,
@@ -971,15 +958,8 @@ impl<B: DecodeOps> Model<B> {
         );
         let lm = self.lm_range()?;
         self.linear_into(be, &mut s.logits, &s.ln, &lm, &None, b, c, v);
-        tt_mark(&mut _t, 10);
         s.len += 1;
         s.next_pos.iter_mut().for_each(|p| *p += 1);
         Ok(())
     }
-}
-
-pub static TT: [std::sync::atomic::AtomicU64; 16] = [const { std::sync::atomic::AtomicU64::new(0) }; 16];
-fn tt_mark(t: &mut std::time::Instant, i: usize) {
-    TT[i].fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-    *t = std::time::Instant::now();
 }

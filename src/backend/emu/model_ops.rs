@@ -8,9 +8,10 @@
 //! kernels, whose pointer-level drivers in [`super::ops`] also serve bf16 activations.
 //!
 //! Precision: buffers are f32 (the trait's), GEMMs round their operands to bf16 and accumulate
-//! in f32 (cuBLAS's `COMPUTE_32F_FAST_16BF`; see [`super::matmul`]), everything else is f32. The
-//! parameters are the f32 master weights AdamW updates; the GEMMs' rounding is the model's bf16
-//! copy, made as each product reads them.
+//! in f32 (cuBLAS's `COMPUTE_32F_FAST_16BF`; see [`super::matmul`]), attention at head dims 64
+//! and 128 runs the tensor-core kernels on bf16 copies of its inputs ([`bf16_attention`]),
+//! everything else is f32. The parameters are the f32 master weights AdamW updates; the GEMMs'
+//! rounding is the model's bf16 copy, made as each product reads them.
 
 use super::elementwise::plans;
 use super::ops::{self, input, output, KernelError, Launcher};

@@ -95,6 +95,29 @@ __device__ __forceinline__ float attn_lse_no_key() { return __int_as_float(0x7f7
 
 __device__ __forceinline__ int attn_min(int a, int b) { return a < b ? a : b; }
 
+/// The query tile a block of a query-tiled kernel (forward, dQ) takes: blocks run over
+/// (sequence·head, tile), and later tiles see more keys, so the first blocks take them and the
+/// longest start first.
+struct QueryTile {
+  int b;     // sequence
+  int h;     // query head
+  int g;     // its key/value head
+  int i0;    // the tile's first query
+  int rows;  // its queries (fewer in the last tile)
+};
+
+__device__ __forceinline__ QueryTile query_tile(int bq, int T, int NH, int KVH) {
+  const int tiles = (T + bq - 1) / bq;
+  const int bh = (int)(blockIdx.x / tiles);
+  QueryTile qt;
+  qt.b = bh / NH;
+  qt.h = bh % NH;
+  qt.g = qt.h / (NH / KVH);
+  qt.i0 = (tiles - 1 - (int)(blockIdx.x % tiles)) * bq;
+  qt.rows = attn_min(bq, T - qt.i0);
+  return qt;
+}
+
 /// Copies `rows` rows of `hd` values (row r at src + r·stride) into `dst` (rows hd apart) as f32,
 /// and zeros rows `valid..rows`: a tile that runs past the sequence holds zeros, not stale rows
 /// or the shim's NaN fill, so the products that give such rows weight 0 stay 0. Block-wide; the
@@ -248,21 +271,15 @@ __device__ __forceinline__ void attn_fwd(const E* __restrict__ qkv,
                                          const unsigned* __restrict__ key_mask, int T,
                                          int NH, int KVH, int HD, float scale, E* __restrict__ out,
                                          float* __restrict__ lse) {
-  const int tiles = (T + ATTN_BQ - 1) / ATTN_BQ;
-  // Later query tiles see more keys: the first blocks take them, so the longest start first.
-  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);
-  const int bh = (int)(blockIdx.x / tiles);
-  const int b = bh / NH;
-  const int h = bh % NH;
-  const int g = h / (NH / KVH);
-  const int i0 = tile * ATTN_BQ;
+  const QueryTile qt = query_tile(ATTN_BQ, T, NH, KVH);
+  const int b = qt.b, h = qt.h, g = qt.g, i0 = qt.i0;
   const long long w = (long long)(NH + 2 * KVH) * HD;
   const long long ow = (long long)NH * HD;
   const E* seq = qkv + (long long)b * T * w;
   AttendJob<E> a;
   a.q = seq + i0 * w + h * HD;
   a.q_stride = w;
-  a.rows = attn_min(ATTN_BQ, T - i0);
+  a.rows = qt.rows;
   a.k = seq + (NH + g) * HD;
   a.v = seq + (NH + KVH + g) * HD;
   a.kv_stride = w;
@@ -358,14 +375,8 @@ __device__ __forceinline__ void attn_bwd_dq(const E* __restrict__ qkv, const E* 
   float* dos = qs + ATTN_BQ * HD;   // [ATTN_BQ][HD]
   float* kvs = dos + ATTN_BQ * HD;  // [ATTN_BK][HD]: a tile of v, then k of the same keys
   float* dss = kvs + ATTN_BK * HD;  // [ATTN_BQ][ATTN_BK]
-  const int tiles = (T + ATTN_BQ - 1) / ATTN_BQ;
-  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);  // longest first, as in the forward
-  const int bh = (int)(blockIdx.x / tiles);
-  const int b = bh / NH;
-  const int h = bh % NH;
-  const int g = h / (NH / KVH);
-  const int i0 = tile * ATTN_BQ;
-  const int rows = attn_min(ATTN_BQ, T - i0);
+  const QueryTile qt = query_tile(ATTN_BQ, T, NH, KVH);
+  const int b = qt.b, h = qt.h, g = qt.g, i0 = qt.i0, rows = qt.rows;
   const int n_keys = i0 + rows;
   const long long w = (long long)(NH + 2 * KVH) * HD;
   const long long ow = (long long)NH * HD;
@@ -638,14 +649,8 @@ __device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
   rl_bf16* ks = reinterpret_cast<rl_bf16*>(ss + ATTN_TC_BQ * BK);  // [BK][HD]
   rl_bf16* vs = ks + BK * HD;                                 // [BK][HD]
   rl_bf16* ps = vs + BK * HD;                                 // [ATTN_TC_BQ][BK]
-  const int tiles = (T + ATTN_TC_BQ - 1) / ATTN_TC_BQ;
-  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);  // longest first, as in attn_fwd
-  const int bh = (int)(blockIdx.x / tiles);
-  const int b = bh / NH;
-  const int h = bh % NH;
-  const int g = h / (NH / KVH);
-  const int i0 = tile * ATTN_TC_BQ;
-  const int rows = attn_min(ATTN_TC_BQ, T - i0);
+  const QueryTile qt = query_tile(ATTN_TC_BQ, T, NH, KVH);
+  const int b = qt.b, h = qt.h, g = qt.g, i0 = qt.i0, rows = qt.rows;
   const int n_keys = i0 + rows;  // causality: no query of the tile sees a later key
   const long long w = (long long)(NH + 2 * KVH) * HD;
   const long long ow = (long long)NH * HD;
@@ -757,14 +762,8 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
   float* ss = un + ATTN_TC_BQ * HD;                        // [64][BK]
   float* dps = ss + ATTN_TC_BQ * BK;                       // [64][BK]
   rl_bf16* dss = reinterpret_cast<rl_bf16*>(dps + ATTN_TC_BQ * BK);  // [64][BK]
-  const int tiles = (T + ATTN_TC_BQ - 1) / ATTN_TC_BQ;
-  const int tile = tiles - 1 - (int)(blockIdx.x % tiles);  // longest first
-  const int bh = (int)(blockIdx.x / tiles);
-  const int b = bh / NH;
-  const int h = bh % NH;
-  const int g = h / (NH / KVH);
-  const int i0 = tile * ATTN_TC_BQ;
-  const int rows = attn_min(ATTN_TC_BQ, T - i0);
+  const QueryTile qt = query_tile(ATTN_TC_BQ, T, NH, KVH);
+  const int b = qt.b, h = qt.h, g = qt.g, i0 = qt.i0, rows = qt.rows;
   const int n_keys = i0 + rows;
   const long long w = (long long)(NH + 2 * KVH) * HD;
   const long long ow = (long long)NH * HD;

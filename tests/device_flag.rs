@@ -10,7 +10,7 @@ use rlhf::builtin_task;
 use std::path::Path;
 use std::process::Command;
 
-/// `(step, loss)` of every line of a run's metrics.
+/// The loss of every line of a run's metrics.
 fn losses(dir: &Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()

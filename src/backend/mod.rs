@@ -389,7 +389,7 @@ impl SampleParams {
     ) -> usize {
         let op = "sample_tokens";
         assert!(
-            v > 0 && logits % v == 0,
+            v > 0 && logits.is_multiple_of(v),
             "{op}: {logits} logits are not whole rows of V = {v}"
         );
         let b = logits / v;

@@ -256,13 +256,15 @@ impl Config {
     /// Checks that the dimensions fit together.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
-        if self.n_head == 0 || self.n_kv_head == 0 || self.n_head % self.n_kv_head != 0 {
+        if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim == 0 || (matches!(self.pos, Pos::Rope { .. }) && self.head_dim % 2 != 0) {
+        if self.head_dim == 0
+            || (matches!(self.pos, Pos::Rope { .. }) && !self.head_dim.is_multiple_of(2))
+        {
             return bad(format!(
                 "head_dim {} must be positive (and even with RoPE)",
                 self.head_dim

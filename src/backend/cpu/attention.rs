@@ -78,7 +78,7 @@ impl Heads {
 /// Panics unless the buffers match the shape.
 fn check(op: &str, s: &AttnShape, qkv: usize, out: usize, lse: usize, mask: usize) {
     assert!(
-        s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+        s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head),
         "{op}: n_head {} is not a multiple of n_kv_head {}",
         s.n_head,
         s.n_kv_head

@@ -553,7 +553,7 @@ impl LossOps for Cpu {
     ) -> GroupAdvStats {
         let g = cfg.group;
         assert!(
-            g > 0 && n % g == 0,
+            g > 0 && n.is_multiple_of(g),
             "{n} rewards do not split into groups of {g}"
         );
         assert!(

@@ -164,8 +164,13 @@ pub fn matmul_forward(
 /// sequence.
 const SKINNY_ROWS: usize = 16;
 
-/// Output channels per task of the skinny product.
+/// Output channels per task of the skinny product, at least.
 const SKINNY_OC_CHUNK: usize = 32;
+
+/// Multiply-adds per task of the skinny product, at least: a smaller task costs more to hand to
+/// another thread than it saves (at the llama fixture's width a decode step's products are a few
+/// microseconds each, and split 32 channels a task they ran slower on two threads than on one).
+const SKINNY_TASK_WORK: usize = 1 << 16;
 
 /// Lanes of each accumulator, and input rows handled together: every weight element loaded goes
 /// into 8 independent sums, so each weight is read from memory once and the adds never wait on
@@ -210,7 +215,10 @@ fn skinny_matmul_forward(
     }
     let dst = Out(out.as_mut_ptr());
     let dst = &dst;
-    w.par_chunks(SKINNY_OC_CHUNK * c)
+    let per_task = (SKINNY_TASK_WORK / (n * c).max(1))
+        .next_multiple_of(SKINNY_PAIR)
+        .max(SKINNY_OC_CHUNK);
+    w.par_chunks(per_task * c)
         .enumerate()
         .for_each(|(chunk, rows)| {
             // Output channels o0..o0+j, their weight rows `wrows` (j·C).
@@ -244,16 +252,111 @@ fn skinny_matmul_forward(
                 }
             };
             for (p, wrows) in rows.chunks(SKINNY_PAIR * c).enumerate() {
-                store(chunk * SKINNY_OC_CHUNK + p * SKINNY_PAIR, wrows);
+                store(chunk * per_task + p * SKINNY_PAIR, wrows);
             }
         });
 }
 
+/// `dots[j][r] = Σ_k w[j·C + k] · x[r·C + k]` for 2 weight rows `w` (2·C) and 8 input rows
+/// `x` (8·C): [`skinny_dots8x2_avx512`] where the CPU has it, else the portable body. Both give
+/// the same bits.
+fn skinny_dots8x2(dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR], w: &[f32], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F, checked just above.
+        return unsafe { skinny_dots8x2_avx512(dots, w, x) };
+    }
+    skinny_dots8x2_portable(dots, w, x)
+}
+
 simd_dispatch! {
-    /// `dots[j][r] = Σ_k w[j·C + k] · x[r·C + k]` for 2 weight rows `w` (2·C) and 8 input rows
-    /// `x` (8·C).
-    fn skinny_dots8x2(dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR], w: &[f32], x: &[f32]) =
-        skinny_dots_body::<SKINNY_PAIR>;
+    /// [`skinny_dots8x2`] without AVX-512.
+    fn skinny_dots8x2_portable(
+        dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR],
+        w: &[f32],
+        x: &[f32],
+    ) = skinny_dots_body::<SKINNY_PAIR>;
+}
+
+/// [`skinny_dots_body`] for two weight rows, written with AVX-512 intrinsics for its final
+/// reduction: the 16 accumulators' lane sums fold two vectors into one per step (15 vector adds
+/// and their shuffles in all) instead of narrowing each accumulator on its own (four steps
+/// each), which at a width of 64 cost as much as the dot products. The tree per accumulator is
+/// the portable one, `[l] + [l + 8]`, then `+ 4`, `+ 2`, `+ 1`, so the bits are the same.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn skinny_dots8x2_avx512(
+    dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR],
+    w: &[f32],
+    x: &[f32],
+) {
+    use std::arch::x86_64::*;
+    let c = w.len() / SKINNY_PAIR;
+    assert!(
+        w.len() == SKINNY_PAIR * c && x.len() == SKINNY_GROUP * c,
+        "skinny_dots: operands are not 2·C and 8·C"
+    );
+    let whole = c - c % SKINNY_LANES;
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 2 * SKINNY_GROUP];
+    for k in (0..whole).step_by(SKINNY_LANES) {
+        // SAFETY: k + 16 <= whole <= C, so each load lies inside its row of `w` or `x`.
+        let (w0, w1) = unsafe { (_mm512_loadu_ps(wp.add(k)), _mm512_loadu_ps(wp.add(c + k))) };
+        prefetch(wp.wrapping_add(k + SKINNY_PREFETCH));
+        prefetch(wp.wrapping_add(c + k + SKINNY_PREFETCH));
+        for r in 0..SKINNY_GROUP {
+            // SAFETY: as above.
+            let xr = unsafe { _mm512_loadu_ps(xp.add(r * c + k)) };
+            // Multiply, then add, as the portable body does (no FMA): the same rounding.
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(w0, xr));
+            acc[SKINNY_GROUP + r] = _mm512_add_ps(acc[SKINNY_GROUP + r], _mm512_mul_ps(w1, xr));
+        }
+    }
+    // Accumulator a = j·8 + r. Step 1 (128-bit quarters): [a.q0 + a.q2, a.q1 + a.q3, b.q0 +
+    // b.q2, b.q1 + b.q3] — each accumulator's 8 lanes `[l] + [l + 8]`.
+    let v: [__m512; 8] = std::array::from_fn(|p| {
+        let (a, b) = (acc[2 * p], acc[2 * p + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    });
+    // Step 2: quarter i of u[m] holds accumulator 4m + i's 4 lanes `[l] + [l + 4]`.
+    let u: [__m512; 4] = std::array::from_fn(|m| {
+        let (a, b) = (v[2 * m], v[2 * m + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    });
+    // Step 3 (within quarters): quarter q of t[n] holds accumulators 8n + q and 8n + 4 + q,
+    // 2 lanes each, `[l] + [l + 2]`.
+    let t: [__m512; 2] = std::array::from_fn(|n| {
+        let (a, b) = (u[2 * n], u[2 * n + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(a, b),
+            _mm512_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // Step 4: lane 4q + s holds accumulator 4s + q's sum, `[0] + [1]`.
+    let sums = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(t[0], t[1]),
+        _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
+    );
+    let mut lanes = [0.0f32; SKINNY_LANES];
+    // SAFETY: `lanes` holds 16 floats.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+    for (j, d) in dots.iter_mut().enumerate() {
+        let wrow = &w[j * c..(j + 1) * c];
+        for (r, d) in d.iter_mut().enumerate() {
+            let a = j * SKINNY_GROUP + r;
+            let tail = (whole..c).map(|k| wrow[k] * x[r * c + k]).sum::<f32>();
+            *d = lanes[4 * (a % 4) + a / 4] + tail;
+        }
+    }
 }
 
 simd_dispatch! {

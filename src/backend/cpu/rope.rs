@@ -36,7 +36,7 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
         pos.len() * w,
         "rope: qkv is not N·qkv_width with N = pos.len()"
     );
-    assert!(hd % 2 == 0, "rope: head_dim {hd} must be even");
+    assert!(hd.is_multiple_of(2), "rope: head_dim {hd} must be even");
     assert!(
         hd / 2 <= MAX_HALF,
         "rope: head_dim {hd} above {}",
@@ -47,18 +47,46 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
     }
     let half = hd / 2;
     let freq = inv_freq(hd, theta);
+    let angles = |p: u32, cos: &mut [f32], sin: &mut [f32]| {
+        for j in 0..half {
+            let angle = p as f32 * freq[j];
+            cos[j] = (angle as f64).cos() as f32;
+            sin[j] = sign * (angle as f64).sin() as f32;
+        }
+    };
+    // A training batch repeats each position once per sequence: a table of the distinct ones
+    // takes the f64 cos and sin (a few percent of a small model's step) once each. A decode step
+    // has one row per sequence and few repeats, and must not allocate: it computes them per row.
+    let rows = pos.len();
+    let distinct = *pos.iter().max().unwrap_or(&0) as usize + 1;
+    let table = (2 * distinct <= rows).then(|| {
+        let (mut cos, mut sin) = (vec![0.0f32; distinct * half], vec![0.0f32; distinct * half]);
+        for (p, (c, s)) in cos
+            .chunks_exact_mut(half)
+            .zip(sin.chunks_exact_mut(half))
+            .enumerate()
+        {
+            angles(p as u32, c, s);
+        }
+        (cos, sin)
+    });
     // Only the q heads and the k heads rotate; v follows them in the row and is left alone.
     let rotated_heads = s.n_head + s.n_kv_head;
     qkv.par_chunks_mut(w * ROW_CHUNK)
         .zip(pos.par_chunks(ROW_CHUNK))
         .for_each(|(rows, pos)| {
-            let (mut cos, mut sin) = ([0.0f32; MAX_HALF], [0.0f32; MAX_HALF]);
+            let (mut cos_row, mut sin_row) = ([0.0f32; MAX_HALF], [0.0f32; MAX_HALF]);
             for (row, &p) in rows.chunks_exact_mut(w).zip(pos) {
-                for j in 0..half {
-                    let angle = p as f32 * freq[j];
-                    cos[j] = (angle as f64).cos() as f32;
-                    sin[j] = sign * (angle as f64).sin() as f32;
-                }
+                let (cos, sin) = match &table {
+                    Some((c, s)) => {
+                        let at = p as usize * half..(p as usize + 1) * half;
+                        (&c[at.clone()], &s[at])
+                    }
+                    None => {
+                        angles(p, &mut cos_row, &mut sin_row);
+                        (&cos_row[..half], &sin_row[..half])
+                    }
+                };
                 for head in row[..rotated_heads * hd].chunks_exact_mut(hd) {
                     let (x1, x2) = head.split_at_mut(half);
                     for j in 0..half {

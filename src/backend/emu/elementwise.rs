@@ -39,7 +39,7 @@ pub mod plans {
     /// piece splits no chunk.
     pub const MAX_FLAT: usize = 1 << 30;
 
-    const _: () = assert!(MAX_FLAT % SUM_SQUARES_CHUNK == 0);
+    const _: () = assert!(MAX_FLAT.is_multiple_of(SUM_SQUARES_CHUNK));
 
     /// One thread per element of a flat kernel, [`FLAT_BLOCK`] to a block.
     fn flat(kernel: Kernel, n: usize, args: Vec<Arg>) -> Launch {
@@ -520,7 +520,7 @@ fn rope<L: Launcher>(
         pos.len() * s.qkv_width(),
         "rope: qkv is not N·qkv_width with N = pos.len()"
     );
-    assert!(hd % 2 == 0, "rope: head_dim {hd} must be even");
+    assert!(hd.is_multiple_of(2), "rope: head_dim {hd} must be even");
     assert!(
         hd / 2 <= plans::ROPE_MAX_HALF,
         "rope: head_dim {hd} above {}",

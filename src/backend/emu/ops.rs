@@ -412,7 +412,7 @@ pub fn group_advantages<B: Launcher>(
 ) -> Result<GroupAdvStats, KernelError> {
     let g = cfg.group;
     assert!(
-        g > 0 && n % g == 0,
+        g > 0 && n.is_multiple_of(g),
         "{n} rewards do not split into groups of {g}"
     );
     assert!(
@@ -589,7 +589,7 @@ pub unsafe fn logprobs_backward<L: Launcher>(
 /// mask flag per key.
 pub(crate) fn check_attention(op: &str, s: &AttnShape, mask: usize, keys: usize) {
     assert!(
-        s.n_kv_head > 0 && s.n_head % s.n_kv_head == 0,
+        s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head),
         "{op}: n_head {} is not a multiple of n_kv_head {}",
         s.n_head,
         s.n_kv_head

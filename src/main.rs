@@ -71,6 +71,7 @@ enum BenchCmd {
 
 fn main() {
     keep_freed_memory();
+    die_quietly_on_closed_pipe();
     let cli = Cli::parse();
     // The whole command runs on a rayon worker: a parallel op started there pushes work to its own
     // deque and runs half inline, where one started from the main thread is injected into the
@@ -87,6 +88,16 @@ fn main() {
 /// steps can keep paying page faults on all of it: the 6-layer benchmark step ran at 55% of
 /// its speed after a smaller model had run in the same process. Fixed thresholds keep freed
 /// memory in the heap for reuse, as PyTorch's caching allocator does.
+/// Rust ignores SIGPIPE, so `rlhf ... | head -1` panicked at the next print once `head` had
+/// exited. The default action ends the process quietly, as other command-line tools do.
+fn die_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal to its default action, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; called before any thread starts.

@@ -3,8 +3,9 @@
 //
 // CPU op it must match (src/backend/cpu/sample.rs): DecodeOps::sample_tokens. With t the
 // temperature (1 when greedy) and max the row's maximum:
-//   - weights p_i = expf((z_i - max) / t) in f32, exactly as the CPU computes them;
-//   - the log-prob of the pick is z_id / t - (max / t + log Σ exp((z_i - max) / t)), the sum in f64;
+//   - weights p_i = exp((z_i - max) / t) in f32, exactly as the CPU computes them: its exp
+//     (src/backend/cpu/math.rs) is ported below operation for operation (`cpu_exp`);
+//   - the log-prob of the pick is z_id / t - (max / t + log Σ p_i), the sum in f64;
 //   - greedy: the first maximum (torch.argmax);
 //   - sampled: inverse CDF over the kept tokens in index order: the first token at which
 //     u · total minus the running f64 sum of kept weights turns negative (else the last kept).
@@ -39,9 +40,48 @@ struct SampleRow {
   float max;
 };
 
+// A product of cpu_exp, rounded on its own: NVRTC fuses `a * b + c` into one fma by default
+// (--fmad=true), which rounds once where the CPU rounds twice; __fmul_rn is never fused. g++
+// (the emulator) fuses nothing: in ISO C++ mode -ffp-contract is off.
+#ifdef __CUDACC__
+#define SAMPLE_MUL(a, b) __fmul_rn(a, b)
+#else
+#define SAMPLE_MUL(a, b) ((a) * (b))
+#endif
+
+/// `math::exp` of src/backend/cpu/math.rs, the same f32 operations in the same order, so that
+/// the weights have the CPU's bits: Cephes' expf, `x = n·ln2 + r` with `|r| <= ln2/2`, a
+/// degree-6 polynomial for `e^r` and `2^n` built in the exponent bits; 0 below -87.33655
+/// (subnormals flushed), +inf above 88, NaN for NaN.
+__device__ __forceinline__ float cpu_exp(float x) {
+  const float lo = -87.33655f;
+  const float hi = 88.0f;
+  // Adding 1.5 · 2^23 rounds to an integer and leaves it in the low mantissa bits.
+  const float round_magic = 12582912.0f;
+  // NaN passes the clamp, as Rust's f32::clamp lets it.
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float t = SAMPLE_MUL(xc, 1.44269504088896340736f) + round_magic;
+  const float n = t - round_magic;
+  const int n_int = __float_as_int(t) - __float_as_int(round_magic);
+  // ln 2 split in two so that n · 0.6933594 is exact.
+  const float r = xc - SAMPLE_MUL(n, 0.6933594f) - SAMPLE_MUL(n, -2.1219444e-4f);
+  float p = 1.9875691e-4f;
+  p = SAMPLE_MUL(p, r) + 1.3981999e-3f;
+  p = SAMPLE_MUL(p, r) + 8.333452e-3f;
+  p = SAMPLE_MUL(p, r) + 4.1665796e-2f;
+  p = SAMPLE_MUL(p, r) + 1.6666665e-1f;
+  p = SAMPLE_MUL(p, r) + 0.5f;
+  const float er = SAMPLE_MUL(p, SAMPLE_MUL(r, r)) + r + 1.0f;
+  // n is in [-126, 127] after the clamp: a normal power of two.
+  const float two_n = __uint_as_float((unsigned)(n_int + 127) << 23);
+  const float y = SAMPLE_MUL(er, two_n);
+  return x < lo ? 0.0f : (x > hi ? rl_inf() : y);
+}
+
 /// Token i's weight, bit for bit the CPU's.
 __device__ __forceinline__ float sample_weight(const SampleRow& r, int i) {
-  return expf((r.z[i] - r.max) / r.t);
+  return cpu_exp((r.z[i] - r.max) / r.t);
 }
 
 /// Block minimum of ints; every thread gets it. `scratch`: shared, 32 elements.
@@ -280,7 +320,7 @@ extern "C" __global__ void sample_f32(const float* logits, const unsigned* rows,
   for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, r.z[i]);
   r.max = block_max(m, fscratch, -rl_inf());
   double sum = 0.0;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += exp((double)((r.z[i] - r.max) / r.t));
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += (double)sample_weight(r, i);
   sum = block_sum1(sum, dscratch);
   const float lse = r.max / r.t + (float)log(sum);
   int id;

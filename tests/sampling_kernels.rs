@@ -6,15 +6,17 @@
 //! fit (256) and no multiple of it (1000, 300); batches of one row, of several, and a subset of
 //! a batch's rows listed out of order, some more than once.
 //!
-//! Tokens must be equal. Both sides compute the same f32 weights (`expf((z - max) / t)`, glibc's
-//! on both under emulation) and differ only in how their f64 sums are grouped (the kernel's
-//! per-thread chunks and block trees against the CPU's sequential sums): relative differences of
-//! ~1e-16. A token can then differ only when `u · total`, or top-p's target mass, falls within
-//! that of a boundary between tokens, so every uniform here is drawn clear of the boundaries by
-//! `MARGIN` = 1e-9 (ten million times the rounding) and every top-p cut is asserted as clear.
-//! Log-probs: the same f32 operations around one f64 log-sum-exp, so they agree within an ulp or
-//! two; `LOGP_TOL` = 1e-6 relative (plus 1e-6 absolute) is several ulp of values up to ~20, and
-//! any wrong token or wrong temperature is off by far more.
+//! Tokens must be equal. Both sides compute the same f32 weights (`exp((z - max) / t)` with the
+//! CPU's `math::exp`, which the kernel ports operation for operation) and differ only in how
+//! their f64 sums are grouped (the kernel's per-thread chunks and block trees against the CPU's
+//! sequential sums): relative differences of ~1e-16. A token can then differ only when
+//! `u · total`, or top-p's target mass, falls within that of a boundary between tokens. The
+//! `reference` distribution takes its weights from an f64 `exp`, within ~2.5e-7 relative of
+//! the f32 ones (2 ulp of `math::exp` and the rounding to f32), so every uniform here is drawn
+//! clear of its boundaries by `MARGIN` = 1e-6, which covers both, and every top-p cut is asserted
+//! as clear. Log-probs: the same f32 operations around one f64 log-sum-exp, so they agree within
+//! an ulp or two; `LOGP_TOL` = 1e-6 relative (plus 1e-6 absolute) is several ulp of values up to
+//! ~20, and any wrong token or wrong temperature is off by far more.
 
 mod common;
 
@@ -24,7 +26,7 @@ use rlhf::backend::emu::{sampling, Emu};
 use rlhf::backend::{DecodeOps, SampleParams};
 
 const LOGP_TOL: f64 = 1e-6;
-const MARGIN: f64 = 1e-9;
+const MARGIN: f64 = 1e-6;
 
 fn params(temperature: f32, top_k: usize, top_p: f32) -> SampleParams {
     SampleParams {
@@ -35,9 +37,9 @@ fn params(temperature: f32, top_k: usize, top_p: f32) -> SampleParams {
 }
 
 /// The truncated distribution a row is sampled from, independently of both implementations'
-/// code paths (a full sort, no radix select, no in-place partitioning): per token, its kept
-/// probability (0 when dropped). Weights are the f32 ones both implementations use, so that ties
-/// and cuts are theirs; `cut_margin` is how far top-p's cut is from the next or previous one.
+/// code paths (a full sort, no radix select, no in-place partitioning, exp in f64): per token,
+/// its kept probability (0 when dropped). Equal logits give equal weights, so that ties are the
+/// implementations'; `cut_margin` is how far top-p's cut is from the next or previous one.
 struct Reference {
     probs: Vec<f64>,
     cut_margin: f64,
@@ -48,7 +50,7 @@ fn reference(z: &[f32], p: SampleParams) -> Reference {
     let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let w: Vec<f64> = z
         .iter()
-        .map(|&x| ((x - max) / p.temperature).exp() as f64)
+        .map(|&x| (((x - max) / p.temperature) as f64).exp())
         .collect();
     let mut order: Vec<usize> = (0..v).collect();
     order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
@@ -322,31 +324,26 @@ fn a_row_past_the_batch_is_refused() {
 }
 
 /// Generation's seeded tokens depend on untruncated sampling walking every token in index order
-/// with `u · Σ p` (the walk before sampling moved behind the backend): the CPU still does exactly
-/// that, bit for bit.
+/// with `u · Σ p` (the walk before sampling moved behind the backend): the CPU still does that,
+/// for uniforms clear of the boundaries (its weights are `math::exp`'s, not the reference's).
 #[test]
-fn cpu_untruncated_walk_is_unchanged() {
+fn cpu_untruncated_walk_is_in_index_order() {
     let v = 1000;
     let z = logits(1, v, 17);
-    let t = 0.8f32;
-    let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let probs: Vec<f32> = z.iter().map(|&x| ((x - max) / t).exp()).collect();
-    let total: f64 = probs.iter().map(|&q| q as f64).sum();
+    let p = params(0.8, 0, 1.0);
+    let probs = reference(&z, p).probs;
     let mut rng = Rng::new(18);
     for _ in 0..200 {
-        let u = rng.uniform();
-        let mut left = u * total;
-        let mut want = v - 1;
-        for (i, &q) in probs.iter().enumerate() {
-            left -= q as f64;
-            if left < 0.0 {
-                want = i;
-                break;
-            }
-        }
+        let u = clear_uniform(&mut rng, &probs);
+        let mut acc = 0.0;
+        let want = probs.iter().position(|&q| {
+            acc += q;
+            acc > u
+        });
         assert_eq!(
-            cpu(&z, &[0], v, params(t, 0, 1.0), &[u]).0[0] as usize,
-            want
+            Some(cpu(&z, &[0], v, p, &[u]).0[0] as usize),
+            want,
+            "u = {u}"
         );
     }
 }

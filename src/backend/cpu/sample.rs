@@ -3,30 +3,35 @@
 //! `kernels/sampling.cu`.
 //!
 //! With `t` the temperature (1 when greedy), a token's weight is `p_i = exp((z_i - max) / t)` in
-//! f32. A truncated row keeps a prefix of the tokens ordered by weight, highest first, ties by
-//! lower id: top-k keeps `k` of them; top-p then keeps the shortest prefix whose f64 mass first
-//! reaches `top_p` times the mass top-k kept, as transformers does. The token is drawn by inverse
-//! CDF over the kept tokens **in index order** (not in weight order as before): the same
-//! distribution, and the walk a GPU can make without sorting the vocabulary, so that the kernel
-//! picks the CPU's token for the same uniform. Untruncated sampling walks every token in index
-//! order as it always did, and greedy takes the first maximum (torch.argmax): seeded runs keep
-//! their tokens.
+//! f32, with [`math::exp`] (which the kernel ports operation for operation). A truncated row
+//! keeps a prefix of the tokens ordered by weight, highest first, ties by lower id: top-k keeps
+//! `k` of them; top-p then keeps the shortest prefix whose f64 mass first reaches `top_p` times
+//! the mass top-k kept, as transformers does. The token is drawn by inverse CDF over the kept
+//! tokens **in index order** (not in weight order as before): the same distribution, and the
+//! walk a GPU can make without sorting the vocabulary, so that the kernel picks the CPU's token
+//! for the same uniform. Untruncated sampling walks every token in index order as it always did,
+//! and greedy takes the first maximum (torch.argmax). The recorded log-prob is
+//! `z_id / t - (max / t + ln Σ p_i)`, before truncation.
+//!
+//! A row's weights are computed once, in one vectorised pass, into a scratch row; the
+//! log-sum-exp, the selection and the draw all read them from there.
 //!
 //! [`DecodeOps::sample_tokens`]: crate::backend::DecodeOps::sample_tokens
 
+use super::math::{self, simd_dispatch};
 use crate::backend::SampleParams;
 use std::sync::{Mutex, PoisonError};
 
-/// Per-token weights and ids of one row, for the selection top-k and top-p make.
+/// A row's per-token weights, and its ids for the selection top-k and top-p make.
 struct Scratch {
     weights: Vec<f32>,
     order: Vec<u32>,
 }
 
 /// The only scratch sampling needs, global because the op has no place to keep it (`Cpu` is a
-/// unit struct) and the decode loop must not allocate: it only grows, so only the first row of
-/// the largest vocabulary seen allocates, whichever thread runs the step (a thread-local would
-/// allocate again on each rayon worker that first runs one). Untruncated rows do not touch it.
+/// unit struct) and the decode loop must not allocate: it only grows, so only the first call
+/// with the largest vocabulary seen allocates, whichever thread runs the step (a thread-local
+/// would allocate again on each rayon worker that first runs one).
 static SCRATCH: Mutex<Scratch> = Mutex::new(Scratch {
     weights: Vec::new(),
     order: Vec::new(),
@@ -51,82 +56,115 @@ pub fn sample_tokens(
         ids.len(),
         logps.len(),
     );
-    for (i, &r) in rows.iter().enumerate() {
-        let z = &logits[r as usize * v..(r as usize + 1) * v];
-        (ids[i], logps[i]) = if p.is_greedy() {
-            greedy(z)
-        } else {
-            sample(z, p, uniforms[i])
-        };
-    }
-}
-
-/// The tempered row: its maximum and the log-sum-exp the recorded log-prob needs.
-struct Tempered<'a> {
-    z: &'a [f32],
-    t: f32,
-    max: f32,
-    lse: f32,
-}
-
-impl<'a> Tempered<'a> {
-    fn new(z: &'a [f32], t: f32) -> Tempered<'a> {
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let sum: f64 = z.iter().map(|&x| (((x - max) / t) as f64).exp()).sum();
-        let lse = max / t + sum.ln() as f32;
-        Tempered { z, t, max, lse }
-    }
-
-    /// Token `i`'s weight, exp((z_i - max) / t) in f32: the kernel computes exactly this.
-    fn weight(&self, i: usize) -> f32 {
-        ((self.z[i] - self.max) / self.t).exp()
-    }
-
-    /// Token `id` with its log-prob at the temperature, before any truncation.
-    fn token(&self, id: usize) -> (u32, f32) {
-        (id as u32, self.z[id] / self.t - self.lse)
-    }
-}
-
-/// The first maximum (torch.argmax), its log-prob at temperature 1.
-fn greedy(z: &[f32]) -> (u32, f32) {
-    let row = Tempered::new(z, 1.0);
-    let id = z
-        .iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > z[best] { i } else { best });
-    row.token(id)
-}
-
-/// A token drawn with uniform `u` at the temperature, truncated as `p` asks.
-fn sample(z: &[f32], p: SampleParams, u: f64) -> (u32, f32) {
-    let row = Tempered::new(z, p.temperature);
-    let v = z.len();
-    if !(0 < p.top_k && p.top_k < v) && p.top_p >= 1.0 {
-        return row.token(inverse_cdf(&row, 0..v, u));
-    }
     let mut guard = SCRATCH.lock().unwrap_or_else(PoisonError::into_inner);
     let s = &mut *guard;
     if s.weights.len() < v {
         s.weights.resize(v, 0.0);
         s.order.resize(v, 0);
     }
-    let kept = keep(&row, p, &mut s.weights[..v], &mut s.order[..v]);
+    let (weights, order) = (&mut s.weights[..v], &mut s.order[..v]);
+    let t = if p.is_greedy() { 1.0 } else { p.temperature };
+    for (i, &r) in rows.iter().enumerate() {
+        let z = &logits[r as usize * v..(r as usize + 1) * v];
+        let (max, first_max) = max_first_simd(z);
+        let lse = max / t + weights_simd(z, max, t, weights).ln() as f32;
+        let id = if p.is_greedy() {
+            first_max
+        } else {
+            draw(weights, p, uniforms[i], order)
+        };
+        (ids[i], logps[i]) = (id as u32, z[id] / t - lse);
+    }
+}
+
+simd_dispatch! {
+    fn max_first_simd(z: &[f32]) -> (f32, usize) = max_first;
+}
+
+simd_dispatch! {
+    fn weights_simd(z: &[f32], max: f32, t: f32, weights: &mut [f32]) -> f64 = fill_weights;
+}
+
+/// Lanes of the vectorised passes: independent running maxima, or partial sums combined in a
+/// fixed order, so that results do not depend on the vector width.
+const LANES: usize = 16;
+
+/// The row's maximum and the first index holding it (torch.argmax), in one pass: each lane keeps
+/// its first maximum, then the lanes and the tail are merged by value, ties to the lower index.
+/// The token is the plain fold's (`if z[i] > z[best]`): NaNs are never greater, so they are
+/// skipped, except at index 0, where nothing is greater than one.
+#[inline(always)]
+fn max_first(z: &[f32]) -> (f32, usize) {
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut at = [u32::MAX; LANES];
+    let chunks = z.chunks_exact(LANES);
+    let tail_start = z.len() - chunks.remainder().len();
+    for (c, x) in chunks.enumerate() {
+        for l in 0..LANES {
+            let better = x[l] > best[l];
+            best[l] = if better { x[l] } else { best[l] };
+            at[l] = if better {
+                (c * LANES + l) as u32
+            } else {
+                at[l]
+            };
+        }
+    }
+    let lanes = best.into_iter().zip(at.map(|i| i as usize));
+    let tail = z[tail_start..].iter().copied().zip(tail_start..);
+    lanes.chain(tail).fold((z[0], 0), |(m, id), (x, i)| {
+        if x > m || (x == m && i < id) {
+            (x, i)
+        } else {
+            (m, id)
+        }
+    })
+}
+
+/// Writes every token's weight `exp((z_i - max) / t)` to `weights` and returns their sum in f64
+/// (lane partial sums; it only feeds the log-sum-exp, never the draw).
+#[inline(always)]
+fn fill_weights(z: &[f32], max: f32, t: f32, weights: &mut [f32]) -> f64 {
+    for (w, &x) in weights.iter_mut().zip(z) {
+        *w = math::exp((x - max) / t);
+    }
+    let mut acc = [0.0f64; LANES];
+    let chunks = weights.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&w| w as f64).sum();
+    for w in chunks {
+        for l in 0..LANES {
+            acc[l] += w[l] as f64;
+        }
+    }
+    // Halving pairwise: a fixed tree.
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for l in 0..n {
+            acc[l] += acc[l + n];
+        }
+    }
+    acc[0] + tail
+}
+
+/// The token drawn with uniform `u` from the row of `weights`, truncated as `p` asks. `order` is
+/// scratch of V ids.
+fn draw(weights: &[f32], p: SampleParams, u: f64, order: &mut [u32]) -> usize {
+    let v = weights.len();
+    if !(0 < p.top_k && p.top_k < v) && p.top_p >= 1.0 {
+        return inverse_cdf(weights.iter().copied().enumerate(), u);
+    }
+    let kept = keep(weights, p, order);
     // Index order for the draw (see the module comment).
     kept.sort_unstable();
-    row.token(inverse_cdf(&row, kept.iter().map(|&i| i as usize), u))
+    inverse_cdf(kept.iter().map(|&i| (i as usize, weights[i as usize])), u)
 }
 
 /// The kept tokens of a truncated row: a prefix of `order` once it is sorted by weight (highest
-/// first, ties by lower id), in that order. `weights` and `order` are scratch of V values.
-fn keep<'o>(
-    row: &Tempered<'_>,
-    p: SampleParams,
-    weights: &mut [f32],
-    order: &'o mut [u32],
-) -> &'o mut [u32] {
-    for (i, (w, o)) in weights.iter_mut().zip(order.iter_mut()).enumerate() {
-        (*w, *o) = (row.weight(i), i as u32);
+/// first, ties by lower id), in that order. `order` is scratch of V ids.
+fn keep<'o>(weights: &[f32], p: SampleParams, order: &'o mut [u32]) -> &'o mut [u32] {
+    for (i, o) in order.iter_mut().enumerate() {
+        *o = i as u32;
     }
     let by_weight = |a: &u32, b: &u32| {
         weights[*b as usize]
@@ -156,18 +194,59 @@ fn keep<'o>(
     &mut order[..keep]
 }
 
-/// Inverse CDF over `ids` (ascending): the first token at which `u · total` minus the running
-/// f64 sum of weights turns negative, else (rounding) the last one.
-fn inverse_cdf(row: &Tempered<'_>, ids: impl Iterator<Item = usize> + Clone, u: f64) -> usize {
-    let total: f64 = ids.clone().map(|i| row.weight(i) as f64).sum();
+/// Inverse CDF over the kept `(id, weight)` pairs (ascending ids): the first token at which
+/// `u · total` minus the running f64 sum of weights turns negative, else (rounding) the last
+/// one. Both sums run in index order, one token after another.
+fn inverse_cdf(kept: impl Iterator<Item = (usize, f32)> + Clone, u: f64) -> usize {
+    let total: f64 = kept.clone().map(|(_, w)| w as f64).sum();
     let mut left = u * total;
     let mut last = 0;
-    for i in ids {
-        left -= row.weight(i) as f64;
+    for (i, w) in kept {
+        left -= w as f64;
         if left < 0.0 {
             return i;
         }
         last = i;
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of every length up to a few lane widths, of few distinct values (ties in the lanes,
+    /// across lanes and in the tail) and NaNs: the vectorised pass takes the plain fold's first
+    /// maximum, and the widest copy of each pass gives the baseline's bits.
+    #[test]
+    fn lanes_give_the_sequential_first_maximum() {
+        let mut state = 7u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            state >> 16
+        };
+        for v in 1..=4 * LANES + 3 {
+            for _ in 0..20 {
+                let z: Vec<f32> = (0..v)
+                    .map(|_| match next() % 8 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        k => k as f32,
+                    })
+                    .collect();
+                let want = (1..v).fold(0, |best, i| if z[i] > z[best] { i } else { best });
+                let (max, id) = max_first_simd(&z);
+                assert_eq!(id, want, "{z:?}");
+                assert_eq!(max.to_bits(), max_first(&z).0.to_bits());
+                let (mut wide, mut base) = (vec![0.0; v], vec![0.0; v]);
+                let sum = weights_simd(&z, 3.0, 0.7, &mut wide);
+                assert_eq!(
+                    sum.to_bits(),
+                    fill_weights(&z, 3.0, 0.7, &mut base).to_bits()
+                );
+                let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&wide), bits(&base));
+            }
+        }
+    }
 }

@@ -48,6 +48,56 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// The lane sums of 16 AVX-512 accumulators, `out[a]` = the sum of `acc[a]`'s 16 lanes by the
+/// fixed tree `[l] + [l + 8]`, then `+ 4`, `+ 2`, `+ 1` — the tree a portable loop narrowing one
+/// accumulator at a time uses, so both give the same bits. Folding two vectors into one per step
+/// takes 15 vector adds and their shuffles in all, where narrowing each accumulator on its own
+/// takes four steps each: at a width of 64 that cost as much as the dot products feeding it
+/// (the skinny matmul, the decode attention's scores).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    // Step 1 (128-bit quarters): [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3] — each
+    // accumulator's 8 lanes `[l] + [l + 8]`.
+    let v: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    });
+    // Step 2: quarter i of u[m] holds accumulator 4m + i's 4 lanes `[l] + [l + 4]`.
+    let u: [__m512; 4] = std::array::from_fn(|m| {
+        let (a, b) = (v[2 * m], v[2 * m + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    });
+    // Step 3 (within quarters): quarter r of t[n] holds accumulators 8n + r and 8n + 4 + r,
+    // 2 lanes each, `[l] + [l + 2]`.
+    let t: [__m512; 2] = std::array::from_fn(|n| {
+        let (a, b) = (u[2 * n], u[2 * n + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(a, b),
+            _mm512_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // Step 4: lane 4r + s holds accumulator 4s + r's sum, `[0] + [1]`.
+    let sums = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(t[0], t[1]),
+        _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
+    );
+    let mut lanes = [0.0f32; 16];
+    // SAFETY: `lanes` holds 16 floats.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+    std::array::from_fn(|a| lanes[4 * (a % 4) + a / 4])
+}
+
 /// Below this `exp` returns exactly 0: `e^-87.33` is the smallest normal f32, and flushing the
 /// subnormal range keeps the exponent arithmetic simple. A softmax term that small is zero to
 /// f32 precision against a sum that is at least 1.

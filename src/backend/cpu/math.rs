@@ -59,6 +59,7 @@ pub(crate) use simd_dispatch;
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     use std::arch::x86_64::*;
     // Step 1 (128-bit quarters): [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3] — each

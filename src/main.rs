@@ -83,11 +83,6 @@ fn main() {
     }
 }
 
-/// A training step allocates its activations and gradients afresh (hundreds of MB). By default
-/// glibc serves blocks that large with fresh mmaps and adjusts its thresholds as it goes, so
-/// steps can keep paying page faults on all of it: the 6-layer benchmark step ran at 55% of
-/// its speed after a smaller model had run in the same process. Fixed thresholds keep freed
-/// memory in the heap for reuse, as PyTorch's caching allocator does.
 /// Rust ignores SIGPIPE, so `rlhf ... | head -1` panicked at the next print once `head` had
 /// exited. The default action ends the process quietly, as other command-line tools do.
 fn die_quietly_on_closed_pipe() {
@@ -98,6 +93,11 @@ fn die_quietly_on_closed_pipe() {
     }
 }
 
+/// A training step allocates its activations and gradients afresh (hundreds of MB). By default
+/// glibc serves blocks that large with fresh mmaps and adjusts its thresholds as it goes, so
+/// steps can keep paying page faults on all of it: the 6-layer benchmark step ran at 55% of
+/// its speed after a smaller model had run in the same process. Fixed thresholds keep freed
+/// memory in the heap for reuse, as PyTorch's caching allocator does.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; called before any thread starts.

@@ -52,38 +52,43 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-/// Causal attention at B = 8, T = 128, NH = KVH = 6, HD = 64, no padding.
+/// Causal attention, no padding, at B = 8, T = 128 with the 6-layer config's heads (NH = KVH = 6,
+/// HD = 64) and the llama fixture's (NH = 4, KVH = 2, HD = 16).
 fn attention(c: &mut Criterion) {
-    let s = AttnShape {
-        b: 8,
-        t: 128,
-        n_head: 6,
-        n_kv_head: 6,
-        head_dim: 64,
-    };
-    let n = s.b * s.t;
-    let qkv = data(n * s.qkv_width(), 5);
-    let mask = vec![true; n];
-    let dout = data(n * s.out_width(), 6);
-    let mut out = vec![0.0; n * s.out_width()];
-    let mut lse = vec![0.0; s.b * s.n_head * s.t];
-    let mut dqkv = vec![0.0; qkv.len()];
-    CPU.attention_forward(&mut out, &mut lse, &qkv, &mask, s);
-    // Useful flops of the causal products: QKᵀ and PV forward, four products backward, each
-    // 2·HD multiply-adds per visible (query, key) pair.
-    let pairs = s.b * s.n_head * s.t * (s.t + 1) / 2;
-    let mut g = c.benchmark_group("attention B8 T128 NH6 HD64");
-    g.throughput(Throughput::Elements((2 * 2 * s.head_dim * pairs) as u64));
-    g.bench_function("forward", |bch| {
-        let mut o = out.clone();
-        let mut l = lse.clone();
-        bch.iter(|| CPU.attention_forward(&mut o, &mut l, &qkv, &mask, s))
-    });
-    g.throughput(Throughput::Elements((5 * 2 * s.head_dim * pairs) as u64));
-    g.bench_function("backward", |bch| {
-        bch.iter(|| CPU.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &mask, s))
-    });
-    g.finish();
+    for (n_head, n_kv_head, head_dim) in [(6, 6, 64), (4, 2, 16)] {
+        let s = AttnShape {
+            b: 8,
+            t: 128,
+            n_head,
+            n_kv_head,
+            head_dim,
+        };
+        let n = s.b * s.t;
+        let qkv = data(n * s.qkv_width(), 5);
+        let mask = vec![true; n];
+        let dout = data(n * s.out_width(), 6);
+        let mut out = vec![0.0; n * s.out_width()];
+        let mut lse = vec![0.0; s.b * s.n_head * s.t];
+        let mut dqkv = vec![0.0; qkv.len()];
+        CPU.attention_forward(&mut out, &mut lse, &qkv, &mask, s);
+        // Useful flops of the causal products: QKᵀ and PV forward, four products backward, each
+        // 2·HD multiply-adds per visible (query, key) pair.
+        let pairs = s.b * s.n_head * s.t * (s.t + 1) / 2;
+        let mut g = c.benchmark_group(format!(
+            "attention B8 T128 NH{n_head} KVH{n_kv_head} HD{head_dim}"
+        ));
+        g.throughput(Throughput::Elements((2 * 2 * s.head_dim * pairs) as u64));
+        g.bench_function("forward", |bch| {
+            let mut o = out.clone();
+            let mut l = lse.clone();
+            bch.iter(|| CPU.attention_forward(&mut o, &mut l, &qkv, &mask, s))
+        });
+        g.throughput(Throughput::Elements((5 * 2 * s.head_dim * pairs) as u64));
+        g.bench_function("backward", |bch| {
+            bch.iter(|| CPU.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &mask, s))
+        });
+        g.finish();
+    }
 }
 
 /// LayerNorm forward and backward at N = 1024, C = 384.

@@ -144,7 +144,12 @@ simd_dispatch! {
 /// One online-softmax step over a tile of (masked) scores: updates each row's running max and
 /// sum, rescales its accumulator row when the max grows, and leaves `exp(score - max)` in
 /// `scores` for the `P·V` product.
-/// scores: (rows, bk), row_max, row_sum: (rows), acc: (rows, hd).
+/// scores: (rows, bk), row_max, row_sum: (rows) with rows <= TILE, acc: (rows, hd).
+///
+/// Three passes over the rows (maxima, exps, sums and rescaling) rather than one: the exps
+/// then run back to back with no reduction or branch between rows, and their latency overlaps.
+/// Done row by row, a 64-key row's four vector exps waited on each other between two
+/// reductions, and the softmax cost as much as the tile's two products.
 #[inline(always)]
 fn online_softmax(
     scores: &mut [f32],
@@ -154,25 +159,29 @@ fn online_softmax(
     acc: &mut [f32],
     hd: usize,
 ) {
-    for (r, row) in scores.chunks_exact_mut(bk).enumerate() {
-        let m_new = row_max[r].max(max(row));
-        if m_new == f32::NEG_INFINITY {
-            // No visible key yet: nothing to add, and exp(-inf - -inf) would be NaN.
-            row.fill(0.0);
+    let mut m_new = [0.0f32; TILE];
+    let m_new = &mut m_new[..row_max.len()];
+    for ((m, row), &old) in m_new.iter_mut().zip(scores.chunks_exact(bk)).zip(&*row_max) {
+        *m = old.max(max(row));
+    }
+    for (row, &m) in scores.chunks_exact_mut(bk).zip(&*m_new) {
+        // No visible key yet: nothing to add, and exp(-inf - -inf) would be NaN.
+        let m = if m == f32::NEG_INFINITY { f32::INFINITY } else { m };
+        for x in row.iter_mut() {
+            *x = math::exp(*x - m);
+        }
+    }
+    for (r, row) in scores.chunks_exact(bk).enumerate() {
+        if m_new[r] == f32::NEG_INFINITY {
             continue;
         }
-        for x in row.iter_mut() {
-            *x = math::exp(*x - m_new);
-        }
         // Rescale what was accumulated under the old max (alpha = 0 the first time, when the
-        // accumulator is still zero).
-        let alpha = math::exp(row_max[r] - m_new);
+        // accumulator is still zero; 1 when the max did not grow, which changes nothing).
+        let alpha = math::exp(row_max[r] - m_new[r]);
         row_sum[r] = row_sum[r] * alpha + sum(row);
-        row_max[r] = m_new;
-        if alpha != 1.0 {
-            for a in &mut acc[r * hd..(r + 1) * hd] {
-                *a *= alpha;
-            }
+        row_max[r] = m_new[r];
+        for a in &mut acc[r * hd..(r + 1) * hd] {
+            *a *= alpha;
         }
     }
 }

@@ -166,7 +166,11 @@ fn online_softmax(
     }
     for (row, &m) in scores.chunks_exact_mut(bk).zip(&*m_new) {
         // No visible key yet: nothing to add, and exp(-inf - -inf) would be NaN.
-        let m = if m == f32::NEG_INFINITY { f32::INFINITY } else { m };
+        let m = if m == f32::NEG_INFINITY {
+            f32::INFINITY
+        } else {
+            m
+        };
         for x in row.iter_mut() {
             *x = math::exp(*x - m);
         }

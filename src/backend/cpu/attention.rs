@@ -130,6 +130,13 @@ fn mask_row(row: &mut [f32], i: usize, j0: usize, keys: &[bool]) {
     }
 }
 
+/// The scores of a tile row worth computing when its query sees `keys` of the tile's `bk` by
+/// causality: rounded up to whole vectors of 16, since the masked ones (-inf) cost nothing extra
+/// there and give exactly 0, where a scalar remainder loop would cost more than it saves.
+fn visible(keys: usize, bk: usize) -> usize {
+    keys.next_multiple_of(16).min(bk)
+}
+
 simd_dispatch! {
     fn online_softmax_simd(
         scores: &mut [f32],
@@ -138,13 +145,15 @@ simd_dispatch! {
         row_sum: &mut [f32],
         acc: &mut [f32],
         hd: usize,
+        causal: usize,
     ) = online_softmax;
 }
 
 /// One online-softmax step over a tile of (masked) scores: updates each row's running max and
 /// sum, rescales its accumulator row when the max grows, and leaves `exp(score - max)` in
 /// `scores` for the `P·V` product.
-/// scores: (rows, bk), row_max, row_sum: (rows) with rows <= TILE, acc: (rows, hd).
+/// scores: (rows, bk), row_max, row_sum: (rows) with rows <= TILE, acc: (rows, hd); row `r`
+/// sees at most its first `causal + r` keys (the rest are masked: their exps are 0, not computed).
 ///
 /// Three passes over the rows (maxima, exps, sums and rescaling) rather than one: the exps
 /// then run back to back with no reduction or branch between rows, and their latency overlaps.
@@ -158,13 +167,16 @@ fn online_softmax(
     row_sum: &mut [f32],
     acc: &mut [f32],
     hd: usize,
+    causal: usize,
 ) {
     let mut m_new = [0.0f32; TILE];
     let m_new = &mut m_new[..row_max.len()];
-    for ((m, row), &old) in m_new.iter_mut().zip(scores.chunks_exact(bk)).zip(&*row_max) {
-        *m = old.max(max(row));
+    for (r, (m, row)) in m_new.iter_mut().zip(scores.chunks_exact(bk)).enumerate() {
+        *m = row_max[r].max(max(&row[..visible(causal + r, bk)]));
     }
-    for (row, &m) in scores.chunks_exact_mut(bk).zip(&*m_new) {
+    for (r, (row, &m)) in scores.chunks_exact_mut(bk).zip(&*m_new).enumerate() {
+        let (row, hidden) = row.split_at_mut(visible(causal + r, bk));
+        hidden.fill(0.0);
         // No visible key yet: nothing to add, and exp(-inf - -inf) would be NaN.
         let m = if m == f32::NEG_INFINITY {
             f32::INFINITY
@@ -191,14 +203,17 @@ fn online_softmax(
 }
 
 simd_dispatch! {
-    fn probs_simd(p: &mut [f32], bk: usize, lse: &[f32]) = probs;
+    fn probs_simd(p: &mut [f32], bk: usize, lse: &[f32], causal: usize) = probs;
 }
 
 /// Turns a tile of (masked) scores into probabilities `exp(s - lse)`, recomputed from the
-/// forward's row log-sum-exp. p: (rows, bk), lse: (rows).
+/// forward's row log-sum-exp. p: (rows, bk), lse: (rows); row `r` sees at most its first
+/// `causal + r` keys, as in [`online_softmax`].
 #[inline(always)]
-fn probs(p: &mut [f32], bk: usize, lse: &[f32]) {
-    for (row, &l) in p.chunks_exact_mut(bk).zip(lse) {
+fn probs(p: &mut [f32], bk: usize, lse: &[f32], causal: usize) {
+    for (r, (row, &l)) in p.chunks_exact_mut(bk).zip(lse).enumerate() {
+        let (row, hidden) = row.split_at_mut(visible(causal + r, bk));
+        hidden.fill(0.0);
         for x in row.iter_mut() {
             *x = math::exp(*x - l);
         }
@@ -290,7 +305,8 @@ pub fn attention_forward(
                             mask_row(row, i0 + r, j0, &mask[j0..j1]);
                         }
                     }
-                    online_softmax_simd(sc, bk, &mut row_max[..bq], &mut row_sum[..bq], acc, hd);
+                    let (max, sum) = (&mut row_max[..bq], &mut row_sum[..bq]);
+                    online_softmax_simd(sc, bk, max, sum, acc, hd, i0 + 1 - j0);
                     // SAFETY: as above; the probabilities are a (bq, bk) block of `scores`.
                     unsafe {
                         gemm_f32(
@@ -431,7 +447,7 @@ pub fn attention_backward(
                             }
                         }
                         // Masked scores are -inf and give exactly 0.
-                        probs_simd(p, bk, &lse[i0..i1]);
+                        probs_simd(p, bk, &lse[i0..i1], i0 + 1 - j0);
                         // dV[j0..j1] += Pᵀ · dO
                         unsafe {
                             gemm_f32(

@@ -11,10 +11,10 @@
 //! their f64 sums are grouped (the kernel's per-thread chunks and block trees against the CPU's
 //! sequential sums): relative differences of ~1e-16. A token can then differ only when
 //! `u · total`, or top-p's target mass, falls within that of a boundary between tokens. The
-//! `reference` distribution takes its weights from an f64 `exp`, within ~2.5e-7 relative of
-//! the f32 ones (2 ulp of `math::exp` and the rounding to f32), so every uniform here is drawn
-//! clear of its boundaries by `MARGIN` = 1e-6, which covers both, and every top-p cut is asserted
-//! as clear. Log-probs: the same f32 operations around one f64 log-sum-exp, so they agree within
+//! reference distribution (`rlhf::validate::sample_reference`) takes its weights from an f64
+//! `exp`, within ~2.5e-7 relative of the f32 ones (2 ulp of `math::exp` and the rounding to
+//! f32), so every uniform here is drawn clear of its boundaries by `MARGIN` = 1e-6, which covers
+//! both, and every top-p cut is asserted as clear. Log-probs: the same f32 operations around one f64 log-sum-exp, so they agree within
 //! an ulp or two; `LOGP_TOL` = 1e-6 relative (plus 1e-6 absolute) is several ulp of values up to
 //! ~20, and any wrong token or wrong temperature is off by far more.
 
@@ -24,6 +24,7 @@ use common::{check_close, Rng, RngVec};
 use rlhf::backend::cpu::Cpu;
 use rlhf::backend::emu::{sampling, Emu};
 use rlhf::backend::{DecodeOps, SampleParams};
+use rlhf::validate::{clear_uniform, sample_reference};
 
 const LOGP_TOL: f64 = 1e-6;
 const MARGIN: f64 = 1e-6;
@@ -33,71 +34,6 @@ fn params(temperature: f32, top_k: usize, top_p: f32) -> SampleParams {
         temperature,
         top_k,
         top_p,
-    }
-}
-
-/// The truncated distribution a row is sampled from, independently of both implementations'
-/// code paths (a full sort, no radix select, no in-place partitioning, exp in f64): per token,
-/// its kept probability (0 when dropped). Equal logits give equal weights, so that ties are the
-/// implementations'; `cut_margin` is how far top-p's cut is from the next or previous one.
-struct Reference {
-    probs: Vec<f64>,
-    cut_margin: f64,
-}
-
-fn reference(z: &[f32], p: SampleParams) -> Reference {
-    let v = z.len();
-    let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let w: Vec<f64> = z
-        .iter()
-        .map(|&x| (((x - max) / p.temperature) as f64).exp())
-        .collect();
-    let mut order: Vec<usize> = (0..v).collect();
-    order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
-    let mut keep = if 0 < p.top_k && p.top_k < v {
-        p.top_k
-    } else {
-        v
-    };
-    let mut cut_margin = f64::INFINITY;
-    if p.top_p < 1.0 {
-        let mass: f64 = order[..keep].iter().map(|&i| w[i]).sum();
-        let mut acc = 0.0;
-        let mut cumulative = Vec::with_capacity(keep);
-        for &i in &order[..keep] {
-            acc += w[i] / mass;
-            cumulative.push(acc);
-        }
-        let first = cumulative
-            .iter()
-            .position(|&c| c >= p.top_p as f64)
-            .unwrap_or(keep - 1);
-        cut_margin = cumulative
-            .iter()
-            .map(|&c| (c - p.top_p as f64).abs())
-            .fold(f64::INFINITY, f64::min);
-        keep = first + 1;
-    }
-    let mut probs = vec![0.0; v];
-    let total: f64 = order[..keep].iter().map(|&i| w[i]).sum();
-    for &i in &order[..keep] {
-        probs[i] = w[i] / total;
-    }
-    Reference { probs, cut_margin }
-}
-
-/// A uniform at least `MARGIN` from every boundary of the kept tokens' CDF in index order.
-fn clear_uniform(rng: &mut Rng, probs: &[f64]) -> f64 {
-    loop {
-        let u = rng.uniform();
-        let mut acc = 0.0;
-        let clear = probs.iter().filter(|&&q| q > 0.0).all(|&q| {
-            acc += q;
-            (u - acc).abs() > MARGIN
-        });
-        if clear && u > MARGIN {
-            return u;
-        }
     }
 }
 
@@ -114,12 +50,12 @@ fn uniforms(z: &[f32], v: usize, rows: &[u32], p: SampleParams, seed: u64) -> Ve
     let mut rng = Rng::new(seed);
     rows.iter()
         .map(|&r| {
-            let reference = reference(&z[r as usize * v..(r as usize + 1) * v], p);
+            let reference = sample_reference(&z[r as usize * v..(r as usize + 1) * v], p);
             assert!(
                 reference.cut_margin > MARGIN,
                 "test data: row {r}'s top-p cut is within {MARGIN} of a token boundary"
             );
-            clear_uniform(&mut rng, &reference.probs)
+            clear_uniform(&mut rng, &reference.probs, MARGIN)
         })
         .collect()
 }
@@ -166,7 +102,7 @@ fn compare(what: &str, z: &[f32], rows: &[u32], v: usize, p: SampleParams, seed:
     .unwrap_or_else(|e| panic!("{e}"));
     if !p.is_greedy() {
         for (&r, &id) in rows.iter().zip(&ids) {
-            let reference = reference(&z[r as usize * v..(r as usize + 1) * v], p);
+            let reference = sample_reference(&z[r as usize * v..(r as usize + 1) * v], p);
             assert!(
                 reference.probs[id as usize] > 0.0,
                 "{what}: row {r} picked {id}, which truncation drops"
@@ -258,7 +194,7 @@ fn ties_are_kept_lowest_id_first() {
     compare("ties top-k top-p", &z, &rows, v, params(1.0, 100, 0.9), 7);
     let group: Vec<usize> = (0..v).filter(|&i| z[i] == 1.5).collect();
     let kept = |p| {
-        let r = reference(&z, p);
+        let r = sample_reference(&z, p);
         let n = group.iter().filter(|&&i| r.probs[i] > 0.0).count();
         (n, group[..n].iter().all(|&i| r.probs[i] > 0.0))
     };
@@ -303,7 +239,7 @@ fn uniform_zero_takes_the_first_kept_token() {
     for p in [params(1.0, 0, 1.0), params(0.7, 25, 0.9)] {
         let (ids, _) = cpu(&z, &[0], v, p, &[0.0]);
         let (got, _) = emu(&Emu::default(), &z, &[0], v, p, &[0.0]);
-        let first = reference(&z, p).probs.iter().position(|&q| q > 0.0);
+        let first = sample_reference(&z, p).probs.iter().position(|&q| q > 0.0);
         assert_eq!(Some(ids[0] as usize), first);
         assert_eq!(got, ids);
     }
@@ -331,10 +267,10 @@ fn cpu_untruncated_walk_is_in_index_order() {
     let v = 1000;
     let z = logits(1, v, 17);
     let p = params(0.8, 0, 1.0);
-    let probs = reference(&z, p).probs;
+    let probs = sample_reference(&z, p).probs;
     let mut rng = Rng::new(18);
     for _ in 0..200 {
-        let u = clear_uniform(&mut rng, &probs);
+        let u = clear_uniform(&mut rng, &probs, MARGIN);
         let mut acc = 0.0;
         let want = probs.iter().position(|&q| {
             acc += q;
@@ -362,7 +298,7 @@ fn cpu_frequencies_match_the_truncated_distribution() {
         params(1.1, 0, 0.7),
         params(0.9, 8, 0.8),
     ] {
-        let want = reference(&z, p).probs;
+        let want = sample_reference(&z, p).probs;
         let mut rng = Rng::new(20);
         let u: Vec<f64> = (0..draws).map(|_| rng.uniform()).collect();
         let rows = vec![0u32; draws];

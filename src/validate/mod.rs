@@ -71,7 +71,7 @@ use std::time::Instant;
 mod model;
 
 use model::Measure;
-pub use model::{ModelOp, Sampling};
+pub use model::{clear_uniform, sample_reference, ModelOp, SampleReference, Sampling};
 
 /// The first line of both commands' output when the kernels run on the emulator.
 pub const NOTICE: &str =

@@ -40,8 +40,9 @@ const SCALE: f32 = -0.37;
 /// How far each sampling uniform is from every boundary between kept tokens, and each top-p
 /// threshold from every cumulative mass, so that a token cannot flip. Both sides compute the
 /// same f32 weights (`sampling.cu` ports the CPU's `math::exp` operation for operation) and
-/// differ only in the order of the f64 sums, relative ~1e-15 on the cumulative masses: 1e-5
-/// also covers a device that rounds differently after all.
+/// differ only in the order of the f64 sums, relative ~1e-15 on the cumulative masses; the
+/// reference's f64 exps are within ~2.5e-7 relative of those weights. 1e-5 also covers a device
+/// that rounds differently after all.
 const MARGIN: f64 = 1e-5;
 /// The cache columns beyond the decode cases' length (random, visible in the mask).
 const DECODE_SLACK: usize = 3;
@@ -513,14 +514,25 @@ fn decode_mask(rng: &mut Rng, b: usize, len: usize, t_max: usize) -> Vec<bool> {
     mask
 }
 
-/// Per token of one row, its probability in the distribution `p` samples from (0 when truncated),
-/// from the f32 weights both implementations compute, by a full sort; and the smallest distance
-/// of top-p's threshold from a cumulative mass.
-fn truncated(z: &[f32], p: SampleParams) -> (Vec<f64>, f64) {
+/// The truncated distribution a row of logits is sampled from, computed independently of the
+/// samplers' code paths (a full sort, no radix select, no in-place partitioning, exp in f64):
+/// the reference both the validation and the sampling tests check tokens against.
+pub struct SampleReference {
+    /// Per token, its probability after truncation (0 when top-k or top-p drops it).
+    pub probs: Vec<f64>,
+    /// How far top-p's threshold is from the nearest cumulative mass of the kept tokens, in
+    /// sorted order (infinite without top-p): a cut closer than an implementation's rounding
+    /// could fall on either side.
+    pub cut_margin: f64,
+}
+
+/// [`SampleReference`] of one row of logits `z` under `p`. Equal logits get equal weights, so
+/// the order among ties is the implementations' own (lower index first, as they do).
+pub fn sample_reference(z: &[f32], p: SampleParams) -> SampleReference {
     let v = z.len();
     let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let w: Vec<f64> = (z.iter())
-        .map(|&x| ((x - max) / p.temperature).exp() as f64)
+        .map(|&x| (((x - max) / p.temperature) as f64).exp())
         .collect();
     let mut order: Vec<usize> = (0..v).collect();
     order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
@@ -548,20 +560,21 @@ fn truncated(z: &[f32], p: SampleParams) -> (Vec<f64>, f64) {
     for &i in &order[..keep] {
         probs[i] = w[i] / total;
     }
-    (probs, cut_margin)
+    SampleReference { probs, cut_margin }
 }
 
-/// A uniform at least [`MARGIN`] from 0 and from every boundary of the kept tokens' cumulative
-/// distribution in index order.
-fn clear_uniform(rng: &mut Rng, probs: &[f64]) -> f64 {
+/// A uniform at least `margin` from 0 and from every boundary of the kept tokens' cumulative
+/// distribution in index order (`probs` as in [`SampleReference`]), so that rounding on either
+/// side cannot move the token it draws.
+pub fn clear_uniform(rng: &mut Rng, probs: &[f64], margin: f64) -> f64 {
     loop {
         let u = rng.uniform();
         let mut acc = 0.0;
         let clear = probs.iter().filter(|&&q| q > 0.0).all(|&q| {
             acc += q;
-            (u - acc).abs() > MARGIN
+            (u - acc).abs() > margin
         });
-        if clear && u > MARGIN {
+        if clear && u > margin {
             return u;
         }
     }
@@ -682,13 +695,17 @@ impl Data {
                 let row = |i: u32| &d.x[i as usize * v..(i as usize + 1) * v];
                 if d.params.top_p < 1.0 {
                     // Lower top-p until no row's cut is within the margin of a token's mass.
-                    while (0..b as u32).any(|i| truncated(row(i), d.params).1 <= MARGIN) {
+                    while (0..b as u32)
+                        .any(|i| sample_reference(row(i), d.params).cut_margin <= MARGIN)
+                    {
                         d.params.top_p -= 0.01;
                     }
                 }
                 if !d.params.is_greedy() {
                     d.uniforms = (d.ids.iter())
-                        .map(|&i| clear_uniform(r, &truncated(row(i), d.params).0))
+                        .map(|&i| {
+                            clear_uniform(r, &sample_reference(row(i), d.params).probs, MARGIN)
+                        })
                         .collect();
                 }
             }

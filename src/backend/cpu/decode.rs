@@ -258,14 +258,7 @@ fn dot_lanes(q: &[f32], k: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
+    math::halve_lanes(acc) + tail
 }
 
 /// The products past the last whole lane block, summed in order.

@@ -48,6 +48,20 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// The sum of 16 lanes by the fixed tree `[l] + [l + 8]`, then `+ 4`, `+ 2`, `+ 1`: the order
+/// [`lane_sums16`] adds in, so a portable loop and its AVX-512 copy give the same bits.
+#[inline(always)]
+pub fn halve_lanes<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; 16]) -> T {
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] = lanes[l] + lanes[l + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
 /// The lane sums of 16 AVX-512 accumulators, `out[a]` = the sum of `acc[a]`'s 16 lanes by the
 /// fixed tree `[l] + [l + 8]`, then `+ 4`, `+ 2`, `+ 1` — the tree a portable loop narrowing one
 /// accumulator at a time uses, so both give the same bits. Folding two vectors into one per step

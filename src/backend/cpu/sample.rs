@@ -136,15 +136,7 @@ fn fill_weights(z: &[f32], max: f32, t: f32, weights: &mut [f32]) -> f64 {
             acc[l] += w[l] as f64;
         }
     }
-    // Halving pairwise: a fixed tree.
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for l in 0..n {
-            acc[l] += acc[l + n];
-        }
-    }
-    acc[0] + tail
+    math::halve_lanes(acc) + tail
 }
 
 /// The token drawn with uniform `u` from the row of `weights`, truncated as `p` asks. `order` is

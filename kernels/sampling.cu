@@ -40,19 +40,11 @@ struct SampleRow {
   float max;
 };
 
-// A product of cpu_exp, rounded on its own: NVRTC fuses `a * b + c` into one fma by default
-// (--fmad=true), which rounds once where the CPU rounds twice; __fmul_rn is never fused. g++
-// (the emulator) fuses nothing: in ISO C++ mode -ffp-contract is off.
-#ifdef __CUDACC__
-#define SAMPLE_MUL(a, b) __fmul_rn(a, b)
-#else
-#define SAMPLE_MUL(a, b) ((a) * (b))
-#endif
-
 /// `math::exp` of src/backend/cpu/math.rs, the same f32 operations in the same order, so that
 /// the weights have the CPU's bits: Cephes' expf, `x = n·ln2 + r` with `|r| <= ln2/2`, a
 /// degree-6 polynomial for `e^r` and `2^n` built in the exponent bits; 0 below -87.33655
-/// (subnormals flushed), +inf above 88, NaN for NaN.
+/// (subnormals flushed), +inf above 88, NaN for NaN. Every product goes through __fmul_rn:
+/// NVRTC fuses `a * b + c` into one fma by default, which rounds once where the CPU rounds twice.
 __device__ __forceinline__ float cpu_exp(float x) {
   const float lo = -87.33655f;
   const float hi = 88.0f;
@@ -61,21 +53,21 @@ __device__ __forceinline__ float cpu_exp(float x) {
   // NaN passes the clamp, as Rust's f32::clamp lets it.
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const float t = SAMPLE_MUL(xc, 1.44269504088896340736f) + round_magic;
+  const float t = __fmul_rn(xc, 1.44269504088896340736f) + round_magic;
   const float n = t - round_magic;
   const int n_int = __float_as_int(t) - __float_as_int(round_magic);
   // ln 2 split in two so that n · 0.6933594 is exact.
-  const float r = xc - SAMPLE_MUL(n, 0.6933594f) - SAMPLE_MUL(n, -2.1219444e-4f);
+  const float r = xc - __fmul_rn(n, 0.6933594f) - __fmul_rn(n, -2.1219444e-4f);
   float p = 1.9875691e-4f;
-  p = SAMPLE_MUL(p, r) + 1.3981999e-3f;
-  p = SAMPLE_MUL(p, r) + 8.333452e-3f;
-  p = SAMPLE_MUL(p, r) + 4.1665796e-2f;
-  p = SAMPLE_MUL(p, r) + 1.6666665e-1f;
-  p = SAMPLE_MUL(p, r) + 0.5f;
-  const float er = SAMPLE_MUL(p, SAMPLE_MUL(r, r)) + r + 1.0f;
+  p = __fmul_rn(p, r) + 1.3981999e-3f;
+  p = __fmul_rn(p, r) + 8.333452e-3f;
+  p = __fmul_rn(p, r) + 4.1665796e-2f;
+  p = __fmul_rn(p, r) + 1.6666665e-1f;
+  p = __fmul_rn(p, r) + 0.5f;
+  const float er = __fmul_rn(p, __fmul_rn(r, r)) + r + 1.0f;
   // n is in [-126, 127] after the clamp: a normal power of two.
   const float two_n = __uint_as_float((unsigned)(n_int + 127) << 23);
-  const float y = SAMPLE_MUL(er, two_n);
+  const float y = __fmul_rn(er, two_n);
   return x < lo ? 0.0f : (x > hi ? rl_inf() : y);
 }
 

@@ -185,6 +185,8 @@ inline unsigned __float_as_uint(float f) {
 inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
 inline float __logf(float x) { return log2f(x) * 0.6931471805599453f; }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+// A product rounded on its own, never fused into an fma: g++ in ISO C++ mode contracts nothing.
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 // ------------------------------------------------------------------------------------------------
 // launching

@@ -305,8 +305,8 @@ pub fn attention_forward(
                             mask_row(row, i0 + r, j0, &mask[j0..j1]);
                         }
                     }
-                    let (max, sum) = (&mut row_max[..bq], &mut row_sum[..bq]);
-                    online_softmax_simd(sc, bk, max, sum, acc, hd, i0 + 1 - j0);
+                    let (maxes, sums) = (&mut row_max[..bq], &mut row_sum[..bq]);
+                    online_softmax_simd(sc, bk, maxes, sums, acc, hd, i0 + 1 - j0);
                     // SAFETY: as above; the probabilities are a (bq, bk) block of `scores`.
                     unsafe {
                         gemm_f32(

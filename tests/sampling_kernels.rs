@@ -14,9 +14,10 @@
 //! reference distribution (`rlhf::validate::sample_reference`) takes its weights from an f64
 //! `exp`, within ~2.5e-7 relative of the f32 ones (2 ulp of `math::exp` and the rounding to
 //! f32), so every uniform here is drawn clear of its boundaries by `MARGIN` = 1e-6, which covers
-//! both, and every top-p cut is asserted as clear. Log-probs: the same f32 operations around one f64 log-sum-exp, so they agree within
-//! an ulp or two; `LOGP_TOL` = 1e-6 relative (plus 1e-6 absolute) is several ulp of values up to
-//! ~20, and any wrong token or wrong temperature is off by far more.
+//! both, and every top-p cut is asserted as clear. Log-probs: the same f32 operations around one
+//! f64 log-sum-exp, so they agree within an ulp or two; `LOGP_TOL` = 1e-6 relative (plus 1e-6
+//! absolute) is several ulp of values up to ~20, and any wrong token or wrong temperature is off
+//! by far more.
 
 mod common;
 

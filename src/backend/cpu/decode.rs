@@ -358,16 +358,12 @@ fn accumulate_block<const W: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     /// Deterministic values in [-2, 2).
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 8) as f32 / (1u32 << 22) as f32 - 2.0
-            })
-            .collect()
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.uniform() as f32 * 4.0 - 2.0).collect()
     }
 
     /// The AVX-512 scores give the portable body's bits, with and without a tail past the last

@@ -585,6 +585,7 @@ mod tests {
 
     /// The skinny product's AVX-512 dots give the portable body's bits (the same lane tree),
     /// at widths with and without a remainder past the 16-lane blocks.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn skinny_avx512_dots_match_portable() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
@@ -614,6 +615,7 @@ mod tests {
     /// The 16-column kernel against an f64 product, for both lhs layouts, both write modes, and
     /// row counts with and without a tail: within 1e-5 relative to the sum of |terms| (an f32
     /// sum's rounding over at most 70 terms), and nothing outside the 16 columns written.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn narrow_product_matches_f64() {
         if !std::arch::is_x86_feature_detected!("avx512f") {

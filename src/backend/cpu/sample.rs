@@ -206,21 +206,18 @@ fn inverse_cdf(kept: impl Iterator<Item = (usize, f32)> + Clone, u: f64) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     /// Rows of every length up to a few lane widths, of few distinct values (ties in the lanes,
     /// across lanes and in the tail) and NaNs: the vectorised pass takes the plain fold's first
     /// maximum, and the widest copy of each pass gives the baseline's bits.
     #[test]
     fn lanes_give_the_sequential_first_maximum() {
-        let mut state = 7u32;
-        let mut next = || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            state >> 16
-        };
+        let mut rng = Rng::new(7);
         for v in 1..=4 * LANES + 3 {
             for _ in 0..20 {
                 let z: Vec<f32> = (0..v)
-                    .map(|_| match next() % 8 {
+                    .map(|_| match rng.below(8) {
                         0 => f32::NAN,
                         1 => f32::NEG_INFINITY,
                         k => k as f32,

@@ -75,6 +75,35 @@ pub fn halve_lanes<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; 16]) -> T
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
+    let mut lanes = [0.0f32; 16];
+    // SAFETY: `lanes` holds 16 floats; AVX-512F by the caller's contract.
+    unsafe { std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), lane_sums16_shuffled(acc)) };
+    std::array::from_fn(|a| lanes[SUM_LANE[a]])
+}
+
+/// Where [`lane_sums16_shuffled`] leaves accumulator `a`'s sum: lane `4·(a % 4) + a / 4`.
+#[cfg(target_arch = "x86_64")]
+pub const SUM_LANE: [usize; 16] = {
+    let mut lane = [0; 16];
+    let mut a = 0;
+    while a < 16 {
+        lane[a] = 4 * (a % 4) + a / 4;
+        a += 1;
+    }
+    lane
+};
+
+/// [`lane_sums16`] left in a vector, accumulator `a`'s sum in lane [`SUM_LANE`]`[a]`: a caller
+/// that goes on with vector work (a bias, a scatter) saves the trip through memory.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn lane_sums16_shuffled(
+    acc: [std::arch::x86_64::__m512; 16],
+) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // Step 1 (128-bit quarters): [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3] — each
     // accumulator's 8 lanes `[l] + [l + 8]`.
@@ -103,14 +132,10 @@ pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
         )
     });
     // Step 4: lane 4r + s holds accumulator 4s + r's sum, `[0] + [1]`.
-    let sums = _mm512_add_ps(
+    _mm512_add_ps(
         _mm512_shuffle_ps::<0x88>(t[0], t[1]),
         _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
-    );
-    let mut lanes = [0.0f32; 16];
-    // SAFETY: `lanes` holds 16 floats.
-    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
-    std::array::from_fn(|a| lanes[4 * (a % 4) + a / 4])
+    )
 }
 
 /// Below this `exp` returns exactly 0: `e^-87.33` is the smallest normal f32, and flushing the

@@ -5,10 +5,10 @@
 //! backward accumulates straight into the gradient (`dst = dst + A·B`) as the trait's "backward
 //! adds" rule asks.
 
-#[cfg(target_arch = "x86_64")]
-use super::math::lane_sums16;
 use super::math::{halve_lanes, simd_dispatch};
-use super::reduce::{add_partials, dot, ROW_CHUNK};
+#[cfg(target_arch = "x86_64")]
+use super::math::{lane_sums16_shuffled, SUM_LANE};
+use super::reduce::{add_partials, ROW_CHUNK};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -298,11 +298,33 @@ fn skinny_matmul_forward(
     c: usize,
     oc: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    skinny_forward_with(out, inp, w, bias, n, c, oc, avx512)
+}
+
+/// [`skinny_matmul_forward`] through the AVX-512 kernel or the portable one: the same bits.
+#[allow(clippy::too_many_arguments)]
+fn skinny_forward_with(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    avx512: bool,
+) {
     /// The output's base pointer, shared by tasks that write disjoint columns.
     struct Out(*mut f32);
     // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
     // the parallel loop.
     unsafe impl Sync for Out {}
+    if n == 0 {
+        return;
+    }
     if c == 0 {
         for r in 0..n {
             for o in 0..oc {
@@ -316,186 +338,359 @@ fn skinny_matmul_forward(
     let per_task = (SKINNY_TASK_WORK / (n * c).max(1))
         .next_multiple_of(SKINNY_PAIR)
         .max(SKINNY_OC_CHUNK);
+    // Lane l of the AVX-512 kernel's sums holds channel o0 + j, row r0 + r: its offset from the
+    // block's first output, and the lanes to store for each group size and channel count.
+    let lanes = SkinnyLanes::new(oc);
     w.par_chunks(per_task * c)
         .enumerate()
         .for_each(|(chunk, rows)| {
-            // Output channels o0..o0+j, their weight rows `wrows` (j·C).
-            let store = |o0: usize, wrows: &[f32]| {
-                let j = wrows.len() / c;
-                for r0 in (0..n).step_by(SKINNY_GROUP) {
-                    let g = SKINNY_GROUP.min(n - r0);
-                    let mut dots = [[0.0f32; SKINNY_GROUP]; SKINNY_PAIR];
-                    let x = &inp[r0 * c..(r0 + g) * c];
-                    if g == SKINNY_GROUP && j == SKINNY_PAIR {
-                        skinny_dots8x2(&mut dots, wrows, x);
-                    } else if g == SKINNY_GROUP {
-                        let [d, _] = &mut dots;
-                        skinny_dots8x1(d, wrows, x);
-                    } else {
-                        for (d, wrow) in dots.iter_mut().zip(wrows.chunks_exact(c)) {
-                            for (r, d) in d.iter_mut().enumerate().take(g) {
-                                *d = dot(wrow, &x[r * c..(r + 1) * c]);
-                            }
-                        }
-                    }
-                    for (jj, d) in dots.iter().enumerate().take(j) {
-                        let o = o0 + jj;
-                        let b0 = bias.map_or(0.0, |b| b[o]);
-                        for (r, d) in d.iter().enumerate().take(g) {
-                            // SAFETY: r0 + r < n and o < oc, so the index is inside `out`
-                            // (asserted by the caller); no other task writes channel o.
-                            unsafe { *dst.0.add((r0 + r) * oc + o) = d + b0 };
-                        }
-                    }
-                }
+            let task = SkinnyTask {
+                out: dst.0,
+                o_start: chunk * per_task,
+                rows,
+                inp,
+                n,
+                c,
+                oc,
+                bias,
             };
-            for (p, wrows) in rows.chunks(SKINNY_PAIR * c).enumerate() {
-                store(chunk * per_task + p * SKINNY_PAIR, wrows);
+            // SAFETY: the task's channels lie inside `out` (N·OC, asserted by the caller) and
+            // no other task writes them.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    return skinny_task_avx512(&task, &lanes);
+                }
+                skinny_task_portable(&task)
             }
         });
 }
 
-/// `dots[j][r] = Σ_k w[j·C + k] · x[r·C + k]` for 2 weight rows `w` (2·C) and 8 input rows
-/// `x` (8·C): [`skinny_dots8x2_avx512`] where the CPU has it, else the portable body. Both give
-/// the same bits.
-fn skinny_dots8x2(dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR], w: &[f32], x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        return unsafe { skinny_dots8x2_avx512(dots, w, x) };
+/// One parallel task of the skinny product: output channels `o_start..` (one per row of `rows`)
+/// of all `n` rows.
+struct SkinnyTask<'a> {
+    out: *mut f32,
+    o_start: usize,
+    rows: &'a [f32],
+    inp: &'a [f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+    bias: Option<&'a [f32]>,
+}
+
+impl SkinnyTask<'_> {
+    /// Calls `f` for each block of 2 channels × 8 rows with the blocks' weight and input rows.
+    /// An odd channel count's last block repeats its weight row and a partial group of rows its
+    /// first row, so every block has full operands; only the real outputs are stored.
+    #[inline(always)]
+    fn each_block(
+        &self,
+        mut f: impl FnMut(&SkinnyBlock, [&[f32]; SKINNY_PAIR], &[&[f32]; SKINNY_GROUP]),
+    ) {
+        let (c, n) = (self.c, self.n);
+        // Rows past the last stand in as row r0 of their group (the last row for a group
+        // past the end, which is never used).
+        let group = |r0: usize| -> [&[f32]; SKINNY_GROUP] {
+            std::array::from_fn(|r| {
+                let r = if r0 + r < n { r0 + r } else { r0.min(n - 1) };
+                &self.inp[r * c..(r + 1) * c]
+            })
+        };
+        let groups: [_; SKINNY_ROWS / SKINNY_GROUP] =
+            std::array::from_fn(|i| group(i * SKINNY_GROUP));
+        for (p, wrows) in self.rows.chunks(SKINNY_PAIR * c).enumerate() {
+            let ws = [&wrows[..c], &wrows[wrows.len() - c..]];
+            for (i, xs) in groups.iter().enumerate().take(n.div_ceil(SKINNY_GROUP)) {
+                let r0 = i * SKINNY_GROUP;
+                let block = SkinnyBlock {
+                    o0: self.o_start + p * SKINNY_PAIR,
+                    jn: wrows.len() / c,
+                    r0,
+                    g: SKINNY_GROUP.min(n - r0),
+                    oc: self.oc,
+                };
+                f(&block, ws, xs);
+            }
+        }
     }
-    skinny_dots8x2_portable(dots, w, x)
 }
 
-simd_dispatch! {
-    /// [`skinny_dots8x2`] without AVX-512.
-    fn skinny_dots8x2_portable(
-        dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR],
-        w: &[f32],
-        x: &[f32],
-    ) = skinny_dots_body::<SKINNY_PAIR>;
-}
-
-/// [`skinny_dots_body`] for two weight rows, written with AVX-512 intrinsics so that its 16
-/// accumulators reduce together ([`lane_sums16`]): the same bits, 1.3-1.6x faster.
+/// [`SkinnyTask`] by the portable kernel.
 ///
 /// # Safety
-/// The CPU must support AVX-512F.
+/// The task's outputs must be writable, and written by no one else meanwhile.
+unsafe fn skinny_task_portable(task: &SkinnyTask) {
+    task.each_block(|block, ws, xs| {
+        // SAFETY: the block's outputs are the task's (the caller's contract).
+        unsafe { skinny_block_portable(task.out, block, task.bias, ws, xs) }
+    });
+}
+
+/// [`SkinnyTask`] by the AVX-512 kernel.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and the contract of [`skinny_task_portable`] holds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn skinny_dots8x2_avx512(
-    dots: &mut [[f32; SKINNY_GROUP]; SKINNY_PAIR],
-    w: &[f32],
-    x: &[f32],
-) {
-    use std::arch::x86_64::*;
-    let c = w.len() / SKINNY_PAIR;
-    assert!(
-        w.len() == SKINNY_PAIR * c && x.len() == SKINNY_GROUP * c,
-        "skinny_dots: operands are not 2·C and 8·C"
-    );
-    let whole = c - c % SKINNY_LANES;
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 2 * SKINNY_GROUP];
-    for k in (0..whole).step_by(SKINNY_LANES) {
-        // SAFETY: k + 16 <= whole <= C, so each load lies inside its row of `w` or `x`.
-        let (w0, w1) = unsafe { (_mm512_loadu_ps(wp.add(k)), _mm512_loadu_ps(wp.add(c + k))) };
-        prefetch(wp.wrapping_add(k + SKINNY_PREFETCH));
-        prefetch(wp.wrapping_add(c + k + SKINNY_PREFETCH));
-        for r in 0..SKINNY_GROUP {
-            // SAFETY: as above.
-            let xr = unsafe { _mm512_loadu_ps(xp.add(r * c + k)) };
-            // Multiply, then add, as the portable body does (no FMA): the same rounding.
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(w0, xr));
-            acc[SKINNY_GROUP + r] = _mm512_add_ps(acc[SKINNY_GROUP + r], _mm512_mul_ps(w1, xr));
+unsafe fn skinny_task_avx512(task: &SkinnyTask, lanes: &SkinnyLanes) {
+    task.each_block(|block, ws, xs| {
+        // SAFETY: AVX-512F and the block's outputs are the caller's contract.
+        unsafe { skinny_block_avx512(task.out, block, lanes, task.bias, ws, *xs) }
+    });
+}
+
+/// Where the AVX-512 kernel's sums go: lane [`SUM_LANE`]`[a]` holds accumulator `a = j·8 + r`,
+/// channel `o0 + j` of row `r0 + r`.
+struct SkinnyLanes {
+    /// Each lane's output offset from the block's first output, `r·OC + j`.
+    offset: [i32; 16],
+    /// `by_row[2r + j]`: the lane of channel j, row r.
+    by_row: [i32; 16],
+    /// The lanes of channel 1 (the rest are channel 0).
+    second: u16,
+    /// `rows[g]`: the lanes of rows below `g`.
+    rows: [u16; SKINNY_GROUP + 1],
+}
+
+impl SkinnyLanes {
+    fn new(oc: usize) -> SkinnyLanes {
+        let mut lanes = SkinnyLanes {
+            offset: [0; 16],
+            by_row: [0; 16],
+            second: 0,
+            rows: [0; SKINNY_GROUP + 1],
+        };
+        #[cfg(target_arch = "x86_64")]
+        for (a, &lane) in SUM_LANE.iter().enumerate() {
+            let (j, r) = (a / SKINNY_GROUP, a % SKINNY_GROUP);
+            lanes.offset[lane] = (r * oc + j) as i32;
+            lanes.by_row[2 * r + j] = lane as i32;
+            if j == 1 {
+                lanes.second |= 1 << lane;
+            }
+            for g in r + 1..=SKINNY_GROUP {
+                lanes.rows[g] |= 1 << lane;
+            }
+        }
+        lanes
+    }
+    /// The lanes to store for `block`.
+    fn keep(&self, block: &SkinnyBlock) -> u16 {
+        let channels = if block.jn == SKINNY_PAIR {
+            !0
+        } else {
+            !self.second
+        };
+        self.rows[block.g] & channels
+    }
+}
+
+/// Which outputs one call of the skinny kernel computes: channels `o0..o0 + jn` (`jn` 1 or 2)
+/// of rows `r0..r0 + g` (`g` at most 8) of an output with `oc` channels.
+struct SkinnyBlock {
+    o0: usize,
+    jn: usize,
+    r0: usize,
+    g: usize,
+    oc: usize,
+}
+
+impl SkinnyBlock {
+    /// The flat output index of row `r0 + r`, channel `o0 + j`.
+    #[inline(always)]
+    fn at(&self, j: usize, r: usize) -> usize {
+        (self.r0 + r) * self.oc + self.o0 + j
+    }
+    /// Bias of channel `o0 + j` (0 without one).
+    #[inline(always)]
+    fn bias(&self, bias: Option<&[f32]>, j: usize) -> f32 {
+        match bias {
+            Some(b) if j < self.jn => b[self.o0 + j],
+            _ => 0.0,
         }
     }
-    // Accumulator a = j·8 + r.
-    // SAFETY: the caller's contract (AVX-512F).
-    let sums = unsafe { lane_sums16(acc) };
-    for (j, d) in dots.iter_mut().enumerate() {
-        let wrow = &w[j * c..(j + 1) * c];
-        for (r, d) in d.iter_mut().enumerate() {
-            let a = j * SKINNY_GROUP + r;
-            let tail = (whole..c).map(|k| wrow[k] * x[r * c + k]).sum::<f32>();
-            *d = sums[a] + tail;
+}
+
+/// Stores the block's sums plus bias, computed by the portable body.
+///
+/// # Safety
+/// Every `out.add(block.at(j, r))` for `j < jn`, `r < g` must be writable, and written by no
+/// one else meanwhile.
+unsafe fn skinny_block_portable(
+    out: *mut f32,
+    block: &SkinnyBlock,
+    bias: Option<&[f32]>,
+    ws: [&[f32]; SKINNY_PAIR],
+    xs: &[&[f32]; SKINNY_GROUP],
+) {
+    let sums = skinny_sums(ws, *xs);
+    for (j, sums) in sums.iter().enumerate().take(block.jn) {
+        let b = block.bias(bias, j);
+        for (r, s) in sums.iter().enumerate().take(block.g) {
+            // SAFETY: by the caller's contract.
+            unsafe { *out.add(block.at(j, r)) = s + b };
         }
     }
 }
 
 simd_dispatch! {
-    /// [`skinny_dots8x2`] for a single weight row (an odd channel count's last one).
-    fn skinny_dots8x1(dots: &mut [f32; SKINNY_GROUP], w: &[f32], x: &[f32]) = skinny_dots1;
+    /// `sums[j][r] = Σ_k ws[j][k] · xs[r][k]`, by the arithmetic [`skinny_block_avx512`] uses.
+    fn skinny_sums(
+        ws: [&[f32]; SKINNY_PAIR],
+        xs: [&[f32]; SKINNY_GROUP],
+    ) -> [[f32; SKINNY_GROUP]; SKINNY_PAIR] = skinny_sums_body;
 }
 
+/// The dots of 2 weight rows with 8 input rows. Each output is 16 lane sums over the lane blocks
+/// in order, the last block zero-padded, then a fixed pairwise combination of the lanes
+/// ([`halve_lanes`]): [`skinny_block_avx512`]'s arithmetic, element for element.
 #[inline(always)]
-fn skinny_dots1(dots: &mut [f32; SKINNY_GROUP], w: &[f32], x: &[f32]) {
-    skinny_dots_body::<1>(std::array::from_mut(dots), w, x)
+fn skinny_sums_body(
+    ws: [&[f32]; SKINNY_PAIR],
+    xs: [&[f32]; SKINNY_GROUP],
+) -> [[f32; SKINNY_GROUP]; SKINNY_PAIR] {
+    let c = ws[0].len();
+    assert!(
+        ws.iter().chain(&xs).all(|s| s.len() == c),
+        "skinny_sums: rows of different lengths"
+    );
+    let mut acc = [[[0.0f32; SKINNY_LANES]; SKINNY_GROUP]; SKINNY_PAIR];
+    let mut add_block = |wk: [&[f32; SKINNY_LANES]; SKINNY_PAIR],
+                         xk: [&[f32; SKINNY_LANES]; SKINNY_GROUP]| {
+        for (a, wk) in acc.iter_mut().zip(wk) {
+            for (a, xk) in a.iter_mut().zip(xk) {
+                for l in 0..SKINNY_LANES {
+                    a[l] += wk[l] * xk[l];
+                }
+            }
+        }
+    };
+    /// The lane block of `s` at `k`.
+    fn block(s: &[f32], k: usize) -> &[f32; SKINNY_LANES] {
+        s[k..k + SKINNY_LANES]
+            .try_into()
+            .expect("a whole lane block")
+    }
+    let whole = c - c % SKINNY_LANES;
+    for k in (0..whole).step_by(SKINNY_LANES) {
+        add_block(ws.map(|s| block(s, k)), xs.map(|s| block(s, k)));
+    }
+    if whole < c {
+        let pad = |s: &[f32]| {
+            let mut p = [0.0f32; SKINNY_LANES];
+            p[..c - whole].copy_from_slice(&s[whole..]);
+            p
+        };
+        let (wp, xp) = (ws.map(pad), xs.map(pad));
+        add_block(
+            std::array::from_fn(|j| &wp[j]),
+            std::array::from_fn(|r| &xp[r]),
+        );
+    }
+    acc.map(|a| a.map(halve_lanes))
 }
 
 /// Asks for the cache line at `p` to be loaded into L1.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(p: *const f32) {
     // SAFETY: a prefetch is only a hint: it never faults, whatever the address (the pointer
     // may run past the weights near their end).
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
 }
 
-/// The dots of `J` weight rows with 8 input rows. Each output's arithmetic is the same whatever
-/// `J`: 16 lane sums over the whole lane blocks in order, a fixed pairwise combination of the
-/// lanes, then the tail in order.
-#[inline(always)]
-fn skinny_dots_body<const J: usize>(dots: &mut [[f32; SKINNY_GROUP]; J], w: &[f32], x: &[f32]) {
-    let c = w.len() / J;
+/// [`skinny_block_portable`] in AVX-512, the same bits: the 16 accumulators reduce together
+/// ([`lane_sums16_shuffled`]) and the bias add and the stores stay in vector registers (a
+/// masked scatter). At the llama fixture's width (C = 64) the reduction and a scalar epilogue
+/// had cost three times the dot products themselves.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and the contract of [`skinny_block_portable`] holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn skinny_block_avx512(
+    out: *mut f32,
+    block: &SkinnyBlock,
+    lanes: &SkinnyLanes,
+    bias: Option<&[f32]>,
+    ws: [&[f32]; SKINNY_PAIR],
+    xs: [&[f32]; SKINNY_GROUP],
+) {
+    use std::arch::x86_64::*;
+    let c = ws[0].len();
     assert!(
-        w.len() == J * c && x.len() == SKINNY_GROUP * c,
-        "skinny_dots: operands are not J·C and 8·C"
+        ws.iter().chain(&xs).all(|s| s.len() == c),
+        "skinny_sums: rows of different lengths"
     );
+    let (w0, w1) = (ws[0].as_ptr(), ws[1].as_ptr());
+    let xp = xs.map(<[f32]>::as_ptr);
+    let mut acc = [_mm512_setzero_ps(); 2 * SKINNY_GROUP];
+    // Accumulator a = j·8 + r.
+    let mut add_block = |w0: __m512, w1: __m512, x: &dyn Fn(usize) -> __m512| {
+        for r in 0..SKINNY_GROUP {
+            let xr = x(r);
+            // Multiply, then add, as the portable body does (no FMA): the same rounding.
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(w0, xr));
+            acc[SKINNY_GROUP + r] = _mm512_add_ps(acc[SKINNY_GROUP + r], _mm512_mul_ps(w1, xr));
+        }
+    };
     let whole = c - c % SKINNY_LANES;
-    /// The lane block of `s` at `at`.
-    ///
-    /// # Safety
-    /// `at + SKINNY_LANES <= s.len()`.
-    #[inline(always)]
-    unsafe fn block(s: &[f32], at: usize) -> &[f32; SKINNY_LANES] {
-        debug_assert!(at + SKINNY_LANES <= s.len());
-        // SAFETY: in bounds by the caller's contract; [f32; N] has f32's alignment.
-        unsafe { &*s.as_ptr().add(at).cast::<[f32; SKINNY_LANES]>() }
-    }
-    let mut acc = [[[0.0f32; SKINNY_LANES]; SKINNY_GROUP]; J];
     for k in (0..whole).step_by(SKINNY_LANES) {
-        // SAFETY: k + SKINNY_LANES <= whole <= c, so every block lies inside row j of `w` and
-        // row r of `x` (lengths asserted above). Unchecked: the bounds checks were half the
-        // loop's instructions.
-        let wk: [&[f32; SKINNY_LANES]; J] = std::array::from_fn(|j| unsafe { block(w, j * c + k) });
-        for j in 0..J {
-            prefetch(w.as_ptr().wrapping_add(j * c + k + SKINNY_PREFETCH));
-        }
-        // The rows are unrolled by hand: left as a loop, LLVM vectorises it across the 8 rows
-        // with gathers (4x slower) instead of across the lanes.
-        macro_rules! rows {
-            ($($r:literal)*) => {$({
-                // SAFETY: as above.
-                let xk = unsafe { block(x, $r * c + k) };
-                for (a, wk) in acc.iter_mut().zip(wk) {
-                    for l in 0..SKINNY_LANES {
-                        a[$r][l] += wk[l] * xk[l];
-                    }
-                }
-            })*};
-        }
-        rows!(0 1 2 3 4 5 6 7);
+        // SAFETY: k + 16 <= whole <= C, so each load lies inside its row.
+        let (a, b) = unsafe { (_mm512_loadu_ps(w0.add(k)), _mm512_loadu_ps(w1.add(k))) };
+        prefetch(w0.wrapping_add(k + SKINNY_PREFETCH));
+        prefetch(w1.wrapping_add(k + SKINNY_PREFETCH));
+        // SAFETY: as above.
+        add_block(a, b, &|r| unsafe { _mm512_loadu_ps(xp[r].add(k)) });
     }
-    for j in 0..J {
-        let wrow = &w[j * c..(j + 1) * c];
-        for (r, d) in dots[j].iter_mut().enumerate() {
-            let tail = (whole..c).map(|k| wrow[k] * x[r * c + k]).sum::<f32>();
-            *d = halve_lanes(acc[j][r]) + tail;
+    if whole < c {
+        // The tail as a zero-padded block: masked loads read only the row's own elements.
+        let m: __mmask16 = (1 << (c - whole)) - 1;
+        // SAFETY: the mask keeps each load to elements whole..C of its row.
+        let (a, b) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(m, w0.add(whole)),
+                _mm512_maskz_loadu_ps(m, w1.add(whole)),
+            )
+        };
+        // SAFETY: as above.
+        add_block(a, b, &|r| unsafe {
+            _mm512_maskz_loadu_ps(m, xp[r].add(whole))
+        });
+    }
+    // SAFETY: AVX-512F by the caller's contract.
+    let sums = unsafe { lane_sums16_shuffled(acc) };
+    let bias = _mm512_mask_blend_ps(
+        lanes.second,
+        _mm512_set1_ps(block.bias(bias, 0)),
+        _mm512_set1_ps(block.bias(bias, 1)),
+    );
+    let v = _mm512_add_ps(sums, bias);
+    let first = out.wrapping_add(block.at(0, 0));
+    if block.jn == SKINNY_PAIR && block.g == SKINNY_GROUP {
+        // A whole block: lane 2r + j takes channel o0 + j of row r0 + r, and each row's two
+        // lanes go out in one masked store (a scatter cost 13% of the llama fixture's decode
+        // products).
+        // SAFETY: `by_row` holds 16 indices; each store writes only lanes 2r, 2r + 1, which
+        // land on outputs (r, 0) and (r, 1) of the block.
+        unsafe {
+            let v = _mm512_permutexvar_epi32(
+                _mm512_loadu_si512(lanes.by_row.as_ptr().cast()),
+                _mm512_castps_si512(v),
+            );
+            let v = _mm512_castsi512_ps(v);
+            for r in 0..SKINNY_GROUP {
+                let row = first.wrapping_add(r * block.oc).wrapping_sub(2 * r);
+                _mm512_mask_storeu_ps(row, 0b11 << (2 * r), v);
+            }
+        }
+    } else {
+        // SAFETY: `offset` holds 16 indices; the kept lanes' outputs are the caller's to write.
+        unsafe {
+            let offset = _mm512_loadu_si512(lanes.offset.as_ptr().cast());
+            _mm512_mask_i32scatter_ps::<4>(first.cast(), lanes.keep(block), offset, v);
         }
     }
 }
@@ -583,32 +778,60 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// The skinny product's AVX-512 dots give the portable body's bits (the same lane tree),
-    /// at widths with and without a remainder past the 16-lane blocks.
-    #[cfg(target_arch = "x86_64")]
+    /// The skinny product's AVX-512 kernel gives the portable kernel's bits (the same lane tree,
+    /// the same zero-padded tail), and both match an f64 product within 1e-5 relative to the sum
+    /// of |terms|: widths with and without a remainder past the 16-lane blocks, odd channel
+    /// counts, partial row groups, with and without a bias, and nothing written outside `out`.
     #[test]
-    fn skinny_avx512_dots_match_portable() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
+    fn skinny_kernels_agree_and_match_f64() {
         let mut rng = Rng::new(3);
-        for c in [16, 64, 100, 384, 1001] {
-            let w: Vec<f32> = (0..SKINNY_PAIR * c).map(|_| rng.normal() as f32).collect();
-            let x: Vec<f32> = (0..SKINNY_GROUP * c).map(|_| rng.normal() as f32).collect();
-            let (mut fast, mut portable) = (
-                [[0.0; SKINNY_GROUP]; SKINNY_PAIR],
-                [[1.0; SKINNY_GROUP]; SKINNY_PAIR],
-            );
-            // SAFETY: AVX-512F checked above.
-            unsafe { skinny_dots8x2_avx512(&mut fast, &w, &x) };
-            skinny_dots8x2_portable(&mut portable, &w, &x);
-            let bits = |d: &[[f32; SKINNY_GROUP]; SKINNY_PAIR]| {
-                d.as_flattened()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(bits(&fast), bits(&portable), "C = {c}");
+        let avx512 = {
+            #[cfg(target_arch = "x86_64")]
+            let has = std::arch::is_x86_feature_detected!("avx512f");
+            #[cfg(not(target_arch = "x86_64"))]
+            let has = false;
+            has
+        };
+        for (n, c, oc) in [
+            (8, 64, 128),
+            (8, 100, 7),
+            (3, 16, 5),
+            (11, 384, 66),
+            (16, 1001, 3),
+            (1, 5, 1),
+        ] {
+            let mut draw =
+                |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+            let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
+            for bias in [None, Some(&b[..])] {
+                let run = |avx: bool| {
+                    // Guard elements on both sides catch a stray write.
+                    let mut out = vec![f32::NAN; n * oc + 2];
+                    skinny_forward_with(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc, avx);
+                    assert!(
+                        out[0].is_nan() && out[n * oc + 1].is_nan(),
+                        "wrote outside out"
+                    );
+                    out[1..n * oc + 1].to_vec()
+                };
+                let portable = run(false);
+                for r in 0..n {
+                    for o in 0..oc {
+                        let terms = (0..c).map(|k| inp[r * c + k] as f64 * w[o * c + k] as f64);
+                        let exact = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[o] as f64);
+                        let scale = terms.map(f64::abs).sum::<f64>() + 1.0;
+                        let got = portable[r * oc + o] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * scale,
+                            "N {n} C {c} OC {oc} ({r}, {o}): {got} vs {exact}"
+                        );
+                    }
+                }
+                if avx512 {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
+                }
+            }
         }
     }
 

@@ -298,6 +298,11 @@ unsafe fn scores16_avx512(p: &mut [f32; LANES], q: &[f32], k: &[f32], cols: &[u3
     }
     // SAFETY: the caller's contract (AVX-512F).
     let sums = unsafe { math::lane_sums16(acc) };
+    if whole == hd {
+        // No tail: the bounds-checked row slices below cost as much as the dots at HD = 16.
+        *p = sums;
+        return;
+    }
     for (c, s) in p.iter_mut().enumerate() {
         let row = &k[cols[c] as usize * hd..(cols[c] as usize + 1) * hd];
         *s = sums[c] + tail_dot(&q[whole..], &row[whole..]);

@@ -75,10 +75,18 @@ pub fn halve_lanes<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; 16]) -> T
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
-    let mut lanes = [0.0f32; 16];
-    // SAFETY: `lanes` holds 16 floats; AVX-512F by the caller's contract.
-    unsafe { std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), lane_sums16_shuffled(acc)) };
-    std::array::from_fn(|a| lanes[SUM_LANE[a]])
+    use std::arch::x86_64::*;
+    let mut sums = [0.0f32; 16];
+    let order: [i32; 16] = SUM_LANE.map(|l| l as i32);
+    // SAFETY: `order` and `sums` hold 16 elements; AVX-512F by the caller's contract.
+    unsafe {
+        let v = _mm512_permutexvar_ps(
+            _mm512_loadu_si512(order.as_ptr().cast()),
+            lane_sums16_shuffled(acc),
+        );
+        _mm512_storeu_ps(sums.as_mut_ptr(), v);
+    }
+    sums
 }
 
 /// Where [`lane_sums16_shuffled`] leaves accumulator `a`'s sum: lane `4·(a % 4) + a / 4`.

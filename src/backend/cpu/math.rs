@@ -77,11 +77,20 @@ pub fn halve_lanes<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; 16]) -> T
 pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     use std::arch::x86_64::*;
     let mut sums = [0.0f32; 16];
-    let order: [i32; 16] = SUM_LANE.map(|l| l as i32);
-    // SAFETY: `order` and `sums` hold 16 elements; AVX-512F by the caller's contract.
+    /// [`SUM_LANE`] as a permutation's indices.
+    const ORDER: [i32; 16] = {
+        let mut order = [0; 16];
+        let mut a = 0;
+        while a < 16 {
+            order[a] = SUM_LANE[a] as i32;
+            a += 1;
+        }
+        order
+    };
+    // SAFETY: `ORDER` and `sums` hold 16 elements; AVX-512F by the caller's contract.
     unsafe {
         let v = _mm512_permutexvar_ps(
-            _mm512_loadu_si512(order.as_ptr().cast()),
+            _mm512_loadu_si512(ORDER.as_ptr().cast()),
             lane_sums16_shuffled(acc),
         );
         _mm512_storeu_ps(sums.as_mut_ptr(), v);

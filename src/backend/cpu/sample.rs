@@ -9,8 +9,9 @@
 //! the mass top-k kept, as transformers does. The token is drawn by inverse CDF over the kept
 //! tokens **in index order** (not in weight order as before): the same distribution, and the
 //! walk a GPU can make without sorting the vocabulary, so that the kernel picks the CPU's token
-//! for the same uniform. Untruncated sampling walks every token in index order as it always did,
-//! and greedy takes the first maximum (torch.argmax). The recorded log-prob is
+//! for the same uniform. Untruncated sampling walks every token in index order as it always did
+//! (its running sum a block of 16 tokens at a time: the same token but within f64 rounding of a
+//! boundary), and greedy takes the first maximum (torch.argmax). The recorded log-prob is
 //! `z_id / t - (max / t + ln Σ p_i)`, before truncation.
 //!
 //! A row's weights are computed once, in one vectorised pass, into a scratch row; the
@@ -67,11 +68,12 @@ pub fn sample_tokens(
     for (i, &r) in rows.iter().enumerate() {
         let z = &logits[r as usize * v..(r as usize + 1) * v];
         let (max, first_max) = max_first_simd(z);
-        let lse = max / t + weights_simd(z, max, t, weights).ln() as f32;
+        let mass = weights_simd(z, max, t, weights);
+        let lse = max / t + mass.ln() as f32;
         let id = if p.is_greedy() {
             first_max
         } else {
-            draw(weights, p, uniforms[i], order)
+            draw(weights, mass, p, uniforms[i], order)
         };
         (ids[i], logps[i]) = (id as u32, z[id] / t - lse);
     }
@@ -139,12 +141,12 @@ fn fill_weights(z: &[f32], max: f32, t: f32, weights: &mut [f32]) -> f64 {
     math::halve_lanes(acc) + tail
 }
 
-/// The token drawn with uniform `u` from the row of `weights`, truncated as `p` asks. `order` is
-/// scratch of V ids.
-fn draw(weights: &[f32], p: SampleParams, u: f64, order: &mut [u32]) -> usize {
+/// The token drawn with uniform `u` from the row of `weights` (whose f64 sum is `mass`),
+/// truncated as `p` asks. `order` is scratch of V ids.
+fn draw(weights: &[f32], mass: f64, p: SampleParams, u: f64, order: &mut [u32]) -> usize {
     let v = weights.len();
     if !(0 < p.top_k && p.top_k < v) && p.top_p >= 1.0 {
-        return inverse_cdf(weights.iter().copied().enumerate(), u);
+        return inverse_cdf_all(weights, mass, u);
     }
     let kept = keep(weights, p, order);
     // Index order for the draw (see the module comment).
@@ -186,6 +188,30 @@ fn keep<'o>(weights: &[f32], p: SampleParams, order: &'o mut [u32]) -> &'o mut [
     &mut order[..keep]
 }
 
+/// [`inverse_cdf`] over every token, with their sum `mass` already known, and the running sum
+/// taken a block of [`LANES`] weights at a time: the blocks' sums do not depend on one another,
+/// so only one subtraction per block waits on the last, where one per token made the draw as
+/// slow as the rest of a small model's decode step. The grouping rounds differently from a
+/// token-by-token sum, so the token can change only when `u · mass` lies within f64 rounding
+/// of a boundary between tokens, as on the GPU.
+fn inverse_cdf_all(weights: &[f32], mass: f64, u: f64) -> usize {
+    let mut left = u * mass;
+    for (b, block) in weights.chunks(LANES).enumerate() {
+        let sum: f64 = block.iter().map(|&w| w as f64).sum();
+        if left - sum >= 0.0 {
+            left -= sum;
+            continue;
+        }
+        for (i, &w) in block.iter().enumerate() {
+            left -= w as f64;
+            if left < 0.0 {
+                return b * LANES + i;
+            }
+        }
+    }
+    weights.len().saturating_sub(1)
+}
+
 /// Inverse CDF over the kept `(id, weight)` pairs (ascending ids): the first token at which
 /// `u · total` minus the running f64 sum of weights turns negative, else (rounding) the last
 /// one. Both sums run in index order, one token after another.
@@ -207,6 +233,46 @@ fn inverse_cdf(kept: impl Iterator<Item = (usize, f32)> + Clone, u: f64) -> usiz
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// The blocked walk picks the token-by-token walk's token, whenever `u · mass` is not within
+    /// 1e-9 (relative) of a boundary between tokens: rows of every length around the block width,
+    /// zero weights (underflowed tokens) included, and u at both ends.
+    #[test]
+    fn blocked_walk_picks_the_sequential_token() {
+        let mut rng = Rng::new(11);
+        let mut checked = 0;
+        for v in 1..=3 * LANES + 5 {
+            for _ in 0..200 {
+                let w: Vec<f32> = (0..v)
+                    .map(|_| {
+                        if rng.below(4) == 0 {
+                            0.0
+                        } else {
+                            rng.uniform() as f32
+                        }
+                    })
+                    .collect();
+                let mass: f64 = w.iter().map(|&x| x as f64).sum();
+                let u = match rng.below(10) {
+                    0 => 0.0,
+                    1 => 1.0 - 1e-12,
+                    _ => rng.uniform(),
+                };
+                let mut edge = 0.0;
+                let near = w.iter().any(|&x| {
+                    edge += x as f64;
+                    (u * mass - edge).abs() <= 1e-9 * mass
+                });
+                if near {
+                    continue;
+                }
+                let want = inverse_cdf(w.iter().copied().enumerate(), u);
+                assert_eq!(inverse_cdf_all(&w, mass, u), want, "{w:?} u {u}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 8000, "only {checked} cases away from a boundary");
+    }
 
     /// Rows of every length up to a few lane widths, of few distinct values (ties in the lanes,
     /// across lanes and in the tail) and NaNs: the vectorised pass takes the plain fold's first

@@ -336,7 +336,9 @@ fn accumulate(o: &mut [f32], corr: f32, p: &[f32], cols: &[u32], v: &[f32]) {
     }
 }
 
-/// [`accumulate`] for dims `d0..d0 + W`.
+/// [`accumulate`] for dims `d0..d0 + W`. Below 64 dims (4 vectors) the columns go round-robin
+/// into 4 partial sums, added pairwise at the end: one running sum made each column wait for the
+/// last one's add, and at the llama fixture's head dim of 16 that wait was most of the call.
 #[inline(always)]
 fn accumulate_block<const W: usize>(
     o: &mut [f32],
@@ -347,17 +349,40 @@ fn accumulate_block<const W: usize>(
     v: &[f32],
 ) {
     let hd = o.len();
-    let mut a = [0.0f32; W];
+    let mut a = [[0.0f32; W]; 4];
     for l in 0..W {
-        a[l] = o[d0 + l] * corr;
+        a[0][l] = o[d0 + l] * corr;
     }
-    for (&pj, &j) in p.iter().zip(cols) {
-        let vj = &v[j as usize * hd + d0..][..W];
+    let row = |j: u32| &v[j as usize * hd + d0..][..W];
+    if W >= 4 * LANES {
+        for (&pj, &j) in p.iter().zip(cols) {
+            let vj = row(j);
+            for l in 0..W {
+                a[0][l] += pj * vj[l];
+            }
+        }
+    } else {
+        let (pq, cq) = (p.chunks_exact(4), cols.chunks_exact(4));
+        let (pr, cr) = (pq.remainder(), cq.remainder());
+        for (p4, c4) in pq.zip(cq) {
+            for s in 0..4 {
+                let vj = row(c4[s]);
+                for l in 0..W {
+                    a[s][l] += p4[s] * vj[l];
+                }
+            }
+        }
+        for (s, (&pj, &j)) in pr.iter().zip(cr).enumerate() {
+            let vj = row(j);
+            for l in 0..W {
+                a[s][l] += pj * vj[l];
+            }
+        }
         for l in 0..W {
-            a[l] += pj * vj[l];
+            a[0][l] = (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
         }
     }
-    o[d0..d0 + W].copy_from_slice(&a);
+    o[d0..d0 + W].copy_from_slice(&a[0]);
 }
 
 #[cfg(test)]

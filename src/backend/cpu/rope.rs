@@ -56,7 +56,8 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
     };
     // A training batch repeats each position once per sequence: a table of the distinct ones
     // takes the f64 cos and sin (a few percent of a small model's step) once each. A decode step
-    // has one row per sequence and few repeats, and must not allocate: it computes them per row.
+    // has one row per sequence and must not allocate: it computes them per row, again only when
+    // the position changes from the row before.
     let rows = pos.len();
     let distinct = *pos.iter().max().unwrap_or(&0) as usize + 1;
     let table = (2 * distinct <= rows).then(|| {
@@ -76,6 +77,8 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
         .zip(pos.par_chunks(ROW_CHUNK))
         .for_each(|(rows, pos)| {
             let (mut cos_row, mut sin_row) = ([0.0f32; MAX_HALF], [0.0f32; MAX_HALF]);
+            // The position `cos_row` holds: the rows of a decode step often share one.
+            let mut row_pos = None;
             for (row, &p) in rows.chunks_exact_mut(w).zip(pos) {
                 let (cos, sin) = match &table {
                     Some((c, s)) => {
@@ -83,7 +86,10 @@ fn rope_rotate(qkv: &mut [f32], pos: &[u32], s: AttnShape, theta: f32, sign: f32
                         (&c[at.clone()], &s[at])
                     }
                     None => {
-                        angles(p, &mut cos_row, &mut sin_row);
+                        if row_pos != Some(p) {
+                            angles(p, &mut cos_row, &mut sin_row);
+                            row_pos = Some(p);
+                        }
                         (&cos_row[..half], &sin_row[..half])
                     }
                 };

@@ -52,6 +52,27 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// The decode step's product, 8 rows (one token of 8 sequences), at the llama fixture's LM head
+/// (C = 64, OC = 512; weights in L1/L2) and the 6-layer config's MLP up-projection (C = 384,
+/// OC = 1536; 2.4 MB of weights, from L2/L3 here, where a real step reads them from memory).
+fn matmul_decode(c: &mut Criterion) {
+    let n = 8;
+    for (ci, oc) in [(64, 512), (384, 1536)] {
+        let (inp, w, b) = (data(n * ci, 1), data(oc * ci, 2), data(oc, 3));
+        let mut out = vec![0.0; n * oc];
+        let mut g = c.benchmark_group(format!("matmul decode {n}x{ci}x{oc}"));
+        g.throughput(Throughput::Elements((2 * n * ci * oc) as u64));
+        // On a pool thread, as `rlhf` runs every command: from outside, each call of a
+        // microseconds-long op would wait for a worker to wake.
+        g.bench_function("forward", |bch| {
+            rayon::scope(|_| {
+                bch.iter(|| CPU.matmul_forward(&mut out, &inp, &w, Some(&b), n, ci, oc))
+            })
+        });
+        g.finish();
+    }
+}
+
 /// Causal attention, no padding, at B = 8, T = 128 with the 6-layer config's heads (NH = KVH = 6,
 /// HD = 64) and the llama fixture's (NH = 4, KVH = 2, HD = 16).
 fn attention(c: &mut Criterion) {
@@ -232,5 +253,14 @@ fn sgemm_peak(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sgemm_peak, matmul, attention, layernorm, gelu, logprobs);
+criterion_group!(
+    benches,
+    sgemm_peak,
+    matmul,
+    matmul_decode,
+    attention,
+    layernorm,
+    gelu,
+    logprobs
+);
 criterion_main!(benches);

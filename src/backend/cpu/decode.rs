@@ -378,8 +378,9 @@ fn accumulate_block<const W: usize>(
                 a[s][l] += pj * vj[l];
             }
         }
-        for l in 0..W {
-            a[0][l] = (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
+        let [a0, a1, a2, a3] = &mut a;
+        for (l, a0) in a0.iter_mut().enumerate() {
+            *a0 = (*a0 + a1[l]) + (a2[l] + a3[l]);
         }
     }
     o[d0..d0 + W].copy_from_slice(&a[0]);

@@ -226,7 +226,7 @@ pub fn matmul_forward(
         assert_eq!(bias.len(), oc, "matmul_forward: bias is not OC");
     }
     if n <= SKINNY_ROWS {
-        return skinny_matmul_forward(out, inp, w, bias, n, c, oc);
+        return skinny_matmul_forward(out, inp, w, bias, n, c, oc, has_avx512());
     }
     // The bias goes in first and gemm accumulates onto it: one pass over `out` fewer than
     // adding it afterwards.
@@ -289,28 +289,20 @@ const SKINNY_PAIR: usize = 2;
 /// model reads next.
 const SKINNY_PREFETCH: usize = 2048;
 
+/// Whether this CPU has AVX-512F (the skinny product's fast kernel).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `out = inp · wᵀ + bias` for a few rows. Such a product is bound by reading `w`, so each weight
 /// row is streamed once and dotted with all input rows (which stay in L1) at the same time.
 /// Unlike gemm it packs nothing, hence allocates nothing: the decode loop relies on that.
-fn skinny_matmul_forward(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    c: usize,
-    oc: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
-    skinny_forward_with(out, inp, w, bias, n, c, oc, avx512)
-}
-
-/// [`skinny_matmul_forward`] through the AVX-512 kernel or the portable one: the same bits.
+/// `avx512` picks the AVX-512 kernel over the portable one (the same bits).
 #[allow(clippy::too_many_arguments)]
-fn skinny_forward_with(
+fn skinny_matmul_forward(
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -364,6 +356,8 @@ fn skinny_forward_with(
                 if avx512 {
                     return skinny_task_avx512(&task, &lanes);
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = avx512;
                 skinny_task_portable(&task)
             }
         });
@@ -788,13 +782,6 @@ mod tests {
     #[test]
     fn skinny_kernels_agree_and_match_f64() {
         let mut rng = Rng::new(3);
-        let avx512 = {
-            #[cfg(target_arch = "x86_64")]
-            let has = std::arch::is_x86_feature_detected!("avx512f");
-            #[cfg(not(target_arch = "x86_64"))]
-            let has = false;
-            has
-        };
         for (n, c, oc) in [
             (8, 64, 128),
             (8, 100, 7),
@@ -810,7 +797,7 @@ mod tests {
                 let run = |avx: bool| {
                     // Guard elements on both sides catch a stray write.
                     let mut out = vec![f32::NAN; n * oc + 2];
-                    skinny_forward_with(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc, avx);
+                    skinny_matmul_forward(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc, avx);
                     assert!(
                         out[0].is_nan() && out[n * oc + 1].is_nan(),
                         "wrote outside out"
@@ -830,7 +817,7 @@ mod tests {
                         );
                     }
                 }
-                if avx512 {
+                if has_avx512() {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
                 }

@@ -18,7 +18,7 @@
 // One block per listed row. For the draw each thread owns a contiguous chunk of the vocabulary,
 // so its partial sums run in index order; every thread adds the chunks' totals in chunk order
 // (a fixed-order scan), the one thread whose range holds u · total walks its chunk. No atomics:
-// the same bits on every run. Sums are grouped differently from the CPU's sequential ones, so a
+// the same bits on every run. Sums are grouped differently from the CPU's (in index order), so a
 // token can differ from the CPU's only when u · total (or top-p's target mass) falls within
 // rounding of a boundary between tokens (the same rounding can also leave the walking thread's
 // chunk exhausted, when it takes its own last kept token where the CPU would go on to the next).

@@ -9,7 +9,7 @@
 //! Tokens must be equal. Both sides compute the same f32 weights (`exp((z - max) / t)` with the
 //! CPU's `math::exp`, which the kernel ports operation for operation) and differ only in how
 //! their f64 sums are grouped (the kernel's per-thread chunks and block trees against the CPU's
-//! sequential sums): relative differences of ~1e-16. A token can then differ only when
+//! lane and block sums): relative differences of ~1e-16. A token can then differ only when
 //! `u · total`, or top-p's target mass, falls within that of a boundary between tokens. The
 //! reference distribution (`rlhf::validate::sample_reference`) takes its weights from an f64
 //! `exp`, within ~2.5e-7 relative of the f32 ones (2 ulp of `math::exp` and the rounding to

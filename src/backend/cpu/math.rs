@@ -77,20 +77,10 @@ pub fn halve_lanes<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; 16]) -> T
 pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     use std::arch::x86_64::*;
     let mut sums = [0.0f32; 16];
-    /// [`SUM_LANE`] as a permutation's indices.
-    const ORDER: [i32; 16] = {
-        let mut order = [0; 16];
-        let mut a = 0;
-        while a < 16 {
-            order[a] = SUM_LANE[a] as i32;
-            a += 1;
-        }
-        order
-    };
-    // SAFETY: `ORDER` and `sums` hold 16 elements; AVX-512F by the caller's contract.
+    // SAFETY: `SUM_LANE` and `sums` hold 16 elements; AVX-512F by the caller's contract.
     unsafe {
         let v = _mm512_permutexvar_ps(
-            _mm512_loadu_si512(ORDER.as_ptr().cast()),
+            _mm512_loadu_si512(SUM_LANE.as_ptr().cast()),
             lane_sums16_shuffled(acc),
         );
         _mm512_storeu_ps(sums.as_mut_ptr(), v);
@@ -98,13 +88,14 @@ pub unsafe fn lane_sums16(acc: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     sums
 }
 
-/// Where [`lane_sums16_shuffled`] leaves accumulator `a`'s sum: lane `4·(a % 4) + a / 4`.
+/// Where [`lane_sums16_shuffled`] leaves accumulator `a`'s sum: lane `4·(a % 4) + a / 4` (i32,
+/// as a vector permutation's indices).
 #[cfg(target_arch = "x86_64")]
-pub const SUM_LANE: [usize; 16] = {
+pub const SUM_LANE: [i32; 16] = {
     let mut lane = [0; 16];
     let mut a = 0;
     while a < 16 {
-        lane[a] = 4 * (a % 4) + a / 4;
+        lane[a] = (4 * (a % 4) + a / 4) as i32;
         a += 1;
     }
     lane

@@ -387,5 +387,6 @@ pub fn sequence_logprobs<B: ModelOps>(
     let acts = model.forward(be, batch)?;
     let (logp, _) =
         model.head_logprobs(be, &acts.hidden, targets, temperature, false, HEAD_CHUNK)?;
+    model.recycle(acts);
     Ok(logp)
 }

@@ -165,6 +165,54 @@ fn loss_is_the_mean_nll_of_completion_tokens_only() {
     }
 }
 
+/// The loss and its gradient, as bits, of one SFT step on `batch`.
+fn step_bits(model: &Model<Cpu>, batch: &rlhf::model::Batch, w: &[f32]) -> (u64, Vec<u32>) {
+    let mut grads = Cpu.zeros(model.layout.total);
+    let s = nll_stats(&Cpu, model, batch, w, Some(&mut grads), true).unwrap();
+    let bits = grads.iter().map(|g| g.to_bits()).collect();
+    (s.loss().to_bits(), bits)
+}
+
+#[test]
+fn a_step_on_recycled_activation_buffers_matches_a_fresh_model() {
+    // The model reuses a step's buffers in the next without clearing them (and, in tests,
+    // fills them with NaN first): any op that read what it should overwrite would show here.
+    for family in ["gpt2-tiny", "llama-tiny"] {
+        let (model, batch, w, _) = model_and_batch(family);
+        let fresh = Model::new(
+            &Cpu,
+            model.cfg.clone(),
+            &Cpu.download(Cpu.all(&model.params)),
+        )
+        .unwrap();
+        let want = step_bits(&fresh, &batch, &w);
+        assert!(
+            f64::from_bits(want.0).is_finite()
+                && want.1.iter().all(|&g| f32::from_bits(g).is_finite()),
+            "{family}: a non-finite loss or gradient (an op read an output it did not write?)"
+        );
+        // Other rows in the same shape, then a smaller batch (a miss that empties the pool),
+        // then the batch itself twice.
+        let rows = |idx: &[usize]| -> Vec<Vec<u32>> {
+            idx.iter()
+                .map(|&r| batch.ids[r * batch.t..(r + 1) * batch.t].to_vec())
+                .collect()
+        };
+        let shuffled = rlhf::model::Batch::new(&rows(&[4, 0, 3, 1, 2]), 1, rlhf::model::Pad::Right);
+        let smaller = rlhf::model::Batch::new(&rows(&[2, 3]), 1, rlhf::model::Pad::Right);
+        let ones = |b: &rlhf::model::Batch| vec![1.0; b.n()];
+        step_bits(&model, &shuffled, &ones(&shuffled));
+        step_bits(&model, &batch, &w);
+        step_bits(&model, &smaller, &ones(&smaller));
+        for round in 0..2 {
+            assert!(
+                step_bits(&model, &batch, &w) == want,
+                "{family}: step {round} on recycled buffers differs from a fresh model's"
+            );
+        }
+    }
+}
+
 #[test]
 fn gradient_is_that_of_the_completion_only_loss() {
     let (model, batch, w, prompt_lens) = model_and_batch("gpt2-tiny");

@@ -434,6 +434,7 @@ pub fn dpo_stats<B: ModelOps + LossOps>(
         model.backward(be, &f.acts, &dhidden, grads);
     }
     let sums = be.download(be.all(&f.sums));
+    model.recycle(f.acts);
     let total = |x: &[f32]| x.iter().map(|&v| v as f64).sum::<f64>();
     let pf = p as f64;
     Ok(DpoTotals {

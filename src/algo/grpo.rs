@@ -1121,6 +1121,7 @@ fn policy_micro<B: ModelOps + LossOps>(
         grads,
     )?;
     model.backward(be, &acts, &dhidden, grads);
+    model.recycle(acts);
     Ok(stats)
 }
 
@@ -1168,6 +1169,7 @@ fn sft_micro<B: ModelOps>(
         grads,
     )?;
     model.backward(be, &acts, &dhidden, grads);
+    model.recycle(acts);
     Ok(nll)
 }
 

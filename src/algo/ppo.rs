@@ -664,7 +664,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
         pgrads,
     )?;
     policy.backward(be, &acts, &dhidden, pgrads);
-    drop(acts);
+    policy.recycle(acts);
 
     let cacts = critic.forward(be, &mb.batch)?;
     let vpred = critic.values(be, &cacts.hidden, n)?;
@@ -695,6 +695,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
     );
     let dhidden = critic.values_backward(be, &cacts.hidden, &dv, n, cgrads)?;
     critic.backward(be, &cacts, &dhidden, cgrads);
+    critic.recycle(cacts);
 
     let entropy = entropy.expect("asked for");
     let completion_tokens = mb.completion_mask.iter().filter(|&&m| m != 0.0).count();

@@ -296,6 +296,7 @@ pub fn bt_stats<B: ModelOps + LossOps>(
         let dhidden = model.values_backward(be, &acts.hidden, &dvalues, batch.n(), grads)?;
         model.backward(be, &acts, &dhidden, grads);
     }
+    model.recycle(acts);
     let sum = |x: &[f32]| x.iter().map(|&v| v as f64).sum::<f64>();
     Ok(PairStats {
         loss: s.loss * p as f64,

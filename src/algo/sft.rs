@@ -125,6 +125,7 @@ pub fn nll_stats<B: ModelOps>(
     } else {
         (0, 0)
     };
+    model.recycle(acts);
     Ok(NllStats {
         nll,
         weight: total,

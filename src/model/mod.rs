@@ -3,6 +3,7 @@
 pub mod config;
 pub mod generate;
 pub mod layout;
+pub mod pool;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -7,6 +7,7 @@
 
 use super::config::{Act, Config, Head, Norm, Pos};
 use super::layout::Layout;
+use super::pool::BufPool;
 use crate::backend::{AttnShape, DecodeOps, ModelOps};
 use crate::{Error, Result};
 use std::ops::Range;
@@ -119,6 +120,8 @@ pub struct Model<B: ModelOps> {
     pub cfg: Config,
     pub layout: Layout,
     pub params: B::Buf,
+    /// Activation buffers handed back by [`Model::recycle`], reused by the next pass.
+    pool: BufPool<B>,
 }
 
 impl<B: ModelOps> Model<B> {
@@ -136,6 +139,7 @@ impl<B: ModelOps> Model<B> {
             cfg,
             layout,
             params: be.upload(params),
+            pool: BufPool::default(),
         })
     }
 
@@ -258,7 +262,7 @@ impl<B: ModelOps> Model<B> {
         }
     }
 
-    /// `out = inp · wᵀ + b` for a fresh `out` of `n × oc`.
+    /// `out = inp · wᵀ + b` for an `out` of `n × oc` from the pool.
     fn linear(
         &self,
         be: &B,
@@ -269,7 +273,7 @@ impl<B: ModelOps> Model<B> {
         c: usize,
         oc: usize,
     ) -> B::Buf {
-        let mut out = be.zeros(n * oc);
+        let mut out = self.pool.take(be, n * oc);
         self.linear_into(be, &mut out, inp, w, b, n, c, oc);
         out
     }
@@ -298,7 +302,7 @@ impl<B: ModelOps> Model<B> {
         );
     }
 
-    /// Backward of [`Self::linear`]: returns `dinp` (fresh) and adds the weight and bias
+    /// Backward of [`Self::linear`]: returns `dinp` (from the pool) and adds the weight and bias
     /// gradients into `grads`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -313,7 +317,7 @@ impl<B: ModelOps> Model<B> {
         c: usize,
         oc: usize,
     ) -> B::Buf {
-        let mut dinp = be.zeros(n * c);
+        let mut dinp = self.pool.take_zeroed(be, n * c);
         be.matmul_backward(
             Some(be.all_mut(&mut dinp)),
             be.view_mut(grads, w.clone()),
@@ -356,7 +360,7 @@ impl<B: ModelOps> Model<B> {
         let (f, i) = self.mlp_widths();
         let l = &self.layout;
 
-        let mut x = be.zeros(n * c);
+        let mut x = self.pool.take(be, n * c);
         be.embedding_forward(
             be.all_mut(&mut x),
             self.p(be, &l.embed),
@@ -370,7 +374,11 @@ impl<B: ModelOps> Model<B> {
 
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for bp in &l.blocks {
-            let (mut ln1, mut ln1_mean, mut ln1_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+            let (mut ln1, mut ln1_mean, mut ln1_rstd) = (
+                self.pool.take(be, n * c),
+                self.pool.take(be, n),
+                self.pool.take(be, n),
+            );
             self.norm_forward(
                 be,
                 &mut ln1,
@@ -385,7 +393,10 @@ impl<B: ModelOps> Model<B> {
             if let Some(theta) = self.rope_theta() {
                 be.rope_forward(be.all_mut(&mut qkv), &batch.pos, shape, theta);
             }
-            let (mut att, mut lse) = (be.zeros(n * a), be.zeros(batch.b * cfg.n_head * batch.t));
+            let (mut att, mut lse) = (
+                self.pool.take(be, n * a),
+                self.pool.take(be, batch.b * cfg.n_head * batch.t),
+            );
             be.attention_forward(
                 be.all_mut(&mut att),
                 be.all_mut(&mut lse),
@@ -394,10 +405,15 @@ impl<B: ModelOps> Model<B> {
                 shape,
             );
             let o = self.linear(be, &att, &bp.o_w, &bp.o_b, n, a, c);
-            let mut x_mid = be.zeros(n * c);
+            let mut x_mid = self.pool.take(be, n * c);
             be.add(be.all_mut(&mut x_mid), be.all(&x), be.all(&o));
+            self.pool.put([o]);
 
-            let (mut ln2, mut ln2_mean, mut ln2_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+            let (mut ln2, mut ln2_mean, mut ln2_rstd) = (
+                self.pool.take(be, n * c),
+                self.pool.take(be, n),
+                self.pool.take(be, n),
+            );
             self.norm_forward(
                 be,
                 &mut ln2,
@@ -409,14 +425,15 @@ impl<B: ModelOps> Model<B> {
                 n,
             );
             let fc = self.linear(be, &ln2, &bp.fc_w, &bp.fc_b, n, c, f);
-            let mut act = be.zeros(n * i);
+            let mut act = self.pool.take(be, n * i);
             match cfg.act {
                 Act::Gelu => be.gelu_forward(be.all_mut(&mut act), be.all(&fc)),
                 Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut act), be.all(&fc), n, i),
             }
             let proj = self.linear(be, &act, &bp.proj_w, &bp.proj_b, n, i, c);
-            let mut x_next = be.zeros(n * c);
+            let mut x_next = self.pool.take(be, n * c);
             be.add(be.all_mut(&mut x_next), be.all(&x_mid), be.all(&proj));
+            self.pool.put([proj]);
 
             blocks.push(BlockActs {
                 x,
@@ -435,7 +452,11 @@ impl<B: ModelOps> Model<B> {
             });
             x = x_next;
         }
-        let (mut hidden, mut lnf_mean, mut lnf_rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+        let (mut hidden, mut lnf_mean, mut lnf_rstd) = (
+            self.pool.take(be, n * c),
+            self.pool.take(be, n),
+            self.pool.take(be, n),
+        );
         self.norm_forward(
             be,
             &mut hidden,
@@ -468,7 +489,7 @@ impl<B: ModelOps> Model<B> {
         let l = &self.layout;
 
         // dx: gradient w.r.t. the residual stream, flowing down through the blocks.
-        let mut dx = be.zeros(n * c);
+        let mut dx = self.pool.take_zeroed(be, n * c);
         self.norm_backward(
             be,
             grads,
@@ -486,7 +507,7 @@ impl<B: ModelOps> Model<B> {
             // MLP: x_next = x_mid + proj(act(fc(ln2(x_mid)))).
             let dact =
                 self.linear_backward(be, grads, &dx, &s.act, &bp.proj_w, &bp.proj_b, n, i, c);
-            let mut dfc = be.zeros(n * f);
+            let mut dfc = self.pool.take_zeroed(be, n * f);
             match cfg.act {
                 Act::Gelu => be.gelu_backward(be.all_mut(&mut dfc), be.all(&s.fc), be.all(&dact)),
                 Act::SwiGlu => {
@@ -507,10 +528,11 @@ impl<B: ModelOps> Model<B> {
                 &bp.ln2_b,
                 n,
             );
+            self.pool.put([dact, dfc, dln2]);
 
             // Attention: x_mid = x + o(attn(rope(qkv(ln1(x))))).
             let datt = self.linear_backward(be, grads, &dx, &s.att, &bp.o_w, &bp.o_b, n, a, c);
-            let mut dqkv = be.zeros(n * qkv_w);
+            let mut dqkv = self.pool.take_zeroed(be, n * qkv_w);
             be.attention_backward(
                 be.all_mut(&mut dqkv),
                 be.all(&datt),
@@ -537,6 +559,7 @@ impl<B: ModelOps> Model<B> {
                 &bp.ln1_b,
                 n,
             );
+            self.pool.put([datt, dqkv, dln1]);
         }
 
         be.embedding_backward(
@@ -548,6 +571,28 @@ impl<B: ModelOps> Model<B> {
         if let Some(pe) = &l.pos_embed {
             be.embedding_backward(be.view_mut(grads, pe.clone()), be.all(&dx), &batch.pos, c);
         }
+        self.pool.put([dx]);
+    }
+
+    /// Hands a pass's activations back: the next [`Model::forward`] takes its buffers from them
+    /// instead of allocating and zero-filling new ones. Dropping `acts` is just as correct.
+    pub fn recycle(&self, acts: Activations<B>) {
+        let Activations {
+            blocks,
+            x_out,
+            lnf_mean,
+            lnf_rstd,
+            hidden,
+            batch: _,
+        } = acts;
+        self.pool.put([x_out, lnf_mean, lnf_rstd, hidden]);
+        for s in blocks {
+            self.pool.put([
+                s.x, s.ln1, s.ln1_mean, s.ln1_rstd, s.qkv, s.att, s.lse, s.x_mid, s.ln2,
+                s.ln2_mean, s.ln2_rstd, s.fc, s.act,
+            ]);
+        }
+        self.pool.end_pass();
     }
 
     /// Logits (N, V) of the LM head for the given hidden states (N, C).
@@ -622,7 +667,7 @@ impl<B: ModelOps> Model<B> {
         let mut ent = with_entropy.then(|| Vec::with_capacity(n));
         for r in row_chunks(n, chunk) {
             let m = r.len();
-            let mut logits = be.zeros(m * v);
+            let mut logits = self.pool.take(be, m * v);
             be.matmul_forward(
                 be.all_mut(&mut logits),
                 be.view(hidden, r.start * c..r.end * c),
@@ -632,8 +677,8 @@ impl<B: ModelOps> Model<B> {
                 c,
                 v,
             );
-            let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
-            let mut e = with_entropy.then(|| be.zeros(m));
+            let (mut lp, mut lse) = (self.pool.take(be, m), self.pool.take(be, m));
+            let mut e = with_entropy.then(|| self.pool.take(be, m));
             be.logprobs_forward(
                 be.all_mut(&mut lp),
                 e.as_mut().map(|e| be.all_mut(e)),
@@ -648,6 +693,7 @@ impl<B: ModelOps> Model<B> {
             if let (Some(ent), Some(e)) = (ent.as_mut(), e.as_ref()) {
                 ent.extend(be.download(be.all(e)));
             }
+            self.pool.put([logits, lp, lse].into_iter().chain(e));
         }
         Ok((logp, ent))
     }
@@ -669,13 +715,13 @@ impl<B: ModelOps> Model<B> {
     ) -> Result<B::Buf> {
         let w = self.lm_range()?;
         let (c, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, targets.len());
-        let mut dhidden = be.zeros(n * c);
+        let mut dhidden = self.pool.take_zeroed(be, n * c);
         for r in row_chunks(n, chunk) {
             let m = r.len();
             let h = be.view(hidden, r.start * c..r.end * c);
-            let mut logits = be.zeros(m * v);
+            let mut logits = self.pool.take(be, m * v);
             be.matmul_forward(be.all_mut(&mut logits), h, self.p(be, &w), None, m, c, v);
-            let (mut lp, mut lse) = (be.zeros(m), be.zeros(m));
+            let (mut lp, mut lse) = (self.pool.take(be, m), self.pool.take(be, m));
             be.logprobs_forward(
                 be.all_mut(&mut lp),
                 None,
@@ -688,7 +734,7 @@ impl<B: ModelOps> Model<B> {
             );
             let dlp = be.upload(&dlogp[r.clone()]);
             let dent = dentropy.map(|d| be.upload(&d[r.clone()]));
-            let mut dlogits = be.zeros(m * v);
+            let mut dlogits = self.pool.take_zeroed(be, m * v);
             be.logprobs_backward(
                 be.all_mut(&mut dlogits),
                 be.all(&logits),
@@ -710,6 +756,7 @@ impl<B: ModelOps> Model<B> {
                 c,
                 v,
             );
+            self.pool.put([logits, lp, lse, dlogits]);
         }
         Ok(dhidden)
     }
@@ -855,6 +902,7 @@ impl<B: DecodeOps> Model<B> {
                 be.view(&acts.hidden, src..src + c),
             );
         }
+        self.recycle(acts);
         let lm = self.lm_range()?;
         self.linear_into(be, &mut state.logits, &state.ln, &lm, &None, b, c, v);
         Ok(state)

@@ -121,6 +121,14 @@ simd_dispatch! {
         swiglu_backward_kernel;
 }
 
+/// One element of [`swiglu_backward`]: adds into the gate's and the up projection's gradients.
+#[inline(always)]
+fn swiglu_grad(dg: &mut f32, du: &mut f32, g: f32, u: f32, dy: f32) {
+    let s = math::sigmoid(g);
+    *dg += dy * u * s * (1.0 + g * (1.0 - s));
+    *du += dy * g * s;
+}
+
 /// [`swiglu_backward`] on a block of rows. dinp, inp: (rows, 2I), dout: (rows, I).
 #[inline(always)]
 fn swiglu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32], i: usize) {
@@ -131,11 +139,29 @@ fn swiglu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32], i: usize)
     {
         let (gate, up) = x.split_at(i);
         let (dgate, dup) = dx.split_at_mut(i);
-        for k in 0..i {
-            let (g, u) = (gate[k], up[k]);
-            let s = math::sigmoid(g);
-            dgate[k] += dy[k] * u * s * (1.0 + g * (1.0 - s));
-            dup[k] += dy[k] * g * s;
+        // Blocks of 16 as arrays: with two outputs and three inputs per element, a plain loop
+        // over the row was left scalar by the compiler.
+        const L: usize = 16;
+        let whole = i - i % L;
+        let (mut dg_blocks, mut du_blocks) = (
+            dgate[..whole].chunks_exact_mut(L),
+            dup[..whole].chunks_exact_mut(L),
+        );
+        for (k, (dg, du)) in (0..whole)
+            .step_by(L)
+            .zip(dg_blocks.by_ref().zip(&mut du_blocks))
+        {
+            let dg: &mut [f32; L] = dg.try_into().expect("a whole block");
+            let du: &mut [f32; L] = du.try_into().expect("a whole block");
+            let g: &[f32; L] = gate[k..k + L].try_into().expect("a whole block");
+            let u: &[f32; L] = up[k..k + L].try_into().expect("a whole block");
+            let d: &[f32; L] = dy[k..k + L].try_into().expect("a whole block");
+            for l in 0..L {
+                swiglu_grad(&mut dg[l], &mut du[l], g[l], u[l], d[l]);
+            }
+        }
+        for k in whole..i {
+            swiglu_grad(&mut dgate[k], &mut dup[k], gate[k], up[k], dy[k]);
         }
     }
 }

@@ -80,9 +80,17 @@ fn lm_loss_and_grad(
         .map(|(a, b)| (*a as f64) * (*b as f64))
         .sum();
     let mut grads = be.zeros(model.layout.total);
-    let dh = model
+    let (dh, recomputed) = model
         .head_logprobs_backward(&be, &acts.hidden, &targets, 0.7, r, Some(s), 5, &mut grads)
         .unwrap();
+    // SFT takes its loss from the backward's log-probs: they must be the forward's, bit for bit.
+    assert!(
+        recomputed
+            .iter()
+            .map(|x| x.to_bits())
+            .eq(logp.iter().map(|x| x.to_bits())),
+        "head_logprobs_backward's log-probs differ from head_logprobs'"
+    );
     model.backward(&be, &acts, &dh, &mut grads);
     (loss, grads)
 }

@@ -421,7 +421,7 @@ pub fn dpo_stats<B: ModelOps + LossOps>(
             f.rows,
         );
         let dlogp = be.download(be.all(&dlogp));
-        let dhidden = model.head_logprobs_backward(
+        let (dhidden, _) = model.head_logprobs_backward(
             be,
             &f.acts.hidden,
             &f.targets,

@@ -1110,7 +1110,7 @@ fn policy_micro<B: ModelOps + LossOps>(
     );
     let dlogp = be.download(be.all(&dlogp));
     let dentropy = dentropy.map(|d| be.download(be.all(&d)));
-    let dhidden = model.head_logprobs_backward(
+    let (dhidden, _) = model.head_logprobs_backward(
         be,
         &acts.hidden,
         &r.targets,
@@ -1151,14 +1151,10 @@ fn sft_micro<B: ModelOps>(
     }
     let targets = shifted_targets(&batch);
     let acts = model.forward(be, &batch)?;
-    let (logp, _) = model.head_logprobs(be, &acts.hidden, &targets, 1.0, false, HEAD_CHUNK)?;
-    let nll = -logp
-        .iter()
-        .zip(&w)
-        .map(|(&l, &w)| (l * w) as f64)
-        .sum::<f64>();
+    // The gradient w.r.t. each log-prob is known before the log-probs: one pass over the LM
+    // head gives both.
     let dlogp: Vec<f32> = w.iter().map(|&w| -coef * w).collect();
-    let dhidden = model.head_logprobs_backward(
+    let (dhidden, logp) = model.head_logprobs_backward(
         be,
         &acts.hidden,
         &targets,
@@ -1170,6 +1166,11 @@ fn sft_micro<B: ModelOps>(
     )?;
     model.backward(be, &acts, &dhidden, grads);
     model.recycle(acts);
+    let nll = -logp
+        .iter()
+        .zip(&w)
+        .map(|(&l, &w)| (l * w) as f64)
+        .sum::<f64>();
     Ok(nll)
 }
 

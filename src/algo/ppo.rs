@@ -653,7 +653,7 @@ fn minibatch_grads<B: DecodeOps + LossOps>(
         }),
     );
     let dlogp = be.download(be.all(&dlogp));
-    let dhidden = policy.head_logprobs_backward(
+    let (dhidden, _) = policy.head_logprobs_backward(
         be,
         &acts.hidden,
         &mb.targets,

@@ -99,27 +99,36 @@ pub fn nll_stats<B: ModelOps>(
     }
     let acts = model.forward(be, batch)?;
     let targets = shifted_targets(batch);
-    let (logp, _) = model.head_logprobs(be, &acts.hidden, &targets, 1.0, false, HEAD_CHUNK)?;
+    let logp = match grads {
+        Some(grads) => {
+            // The gradient w.r.t. each log-prob is known before the log-probs (it is the
+            // weight), so one pass over the LM head gives both and its logits are computed once.
+            let norm = total as f32;
+            let dlogp: Vec<f32> = weights.iter().map(|w| -w / norm).collect();
+            let (dhidden, logp) = model.head_logprobs_backward(
+                be,
+                &acts.hidden,
+                &targets,
+                1.0,
+                &dlogp,
+                None,
+                HEAD_CHUNK,
+                grads,
+            )?;
+            model.backward(be, &acts, &dhidden, grads);
+            logp
+        }
+        None => {
+            model
+                .head_logprobs(be, &acts.hidden, &targets, 1.0, false, HEAD_CHUNK)?
+                .0
+        }
+    };
     let nll = -logp
         .iter()
         .zip(weights)
         .map(|(l, w)| (l * w) as f64)
         .sum::<f64>();
-    if let Some(grads) = grads {
-        let norm = total as f32;
-        let dlogp: Vec<f32> = weights.iter().map(|w| -w / norm).collect();
-        let dhidden = model.head_logprobs_backward(
-            be,
-            &acts.hidden,
-            &targets,
-            1.0,
-            &dlogp,
-            None,
-            HEAD_CHUNK,
-            grads,
-        )?;
-        model.backward(be, &acts, &dhidden, grads);
-    }
     let (correct, counted) = if accuracy {
         greedy_hits(be, model, &acts.hidden, &targets, weights)
     } else {

@@ -699,8 +699,10 @@ impl<B: ModelOps> Model<B> {
     }
 
     /// Backward of [`Self::head_logprobs`]: given `dlogp` (and `dentropy`) per row, adds the LM
-    /// head's weight gradient into `grads` and returns `dhidden` (N, C). Recomputes each chunk's
-    /// logits rather than keeping them.
+    /// head's weight gradient into `grads` and returns `dhidden` (N, C) and the log-probs
+    /// (N, as [`Self::head_logprobs`] gives them). Recomputes each chunk's logits rather than
+    /// keeping them; a loss whose `dlogp` does not depend on the log-probs (SFT's) calls only
+    /// this and computes the logits once.
     #[allow(clippy::too_many_arguments)]
     pub fn head_logprobs_backward(
         &self,
@@ -712,10 +714,11 @@ impl<B: ModelOps> Model<B> {
         dentropy: Option<&[f32]>,
         chunk: usize,
         grads: &mut B::Buf,
-    ) -> Result<B::Buf> {
+    ) -> Result<(B::Buf, Vec<f32>)> {
         let w = self.lm_range()?;
         let (c, v, n) = (self.cfg.hidden_size, self.cfg.vocab_size, targets.len());
         let mut dhidden = self.pool.take_zeroed(be, n * c);
+        let mut logp = Vec::with_capacity(n);
         for r in row_chunks(n, chunk) {
             let m = r.len();
             let h = be.view(hidden, r.start * c..r.end * c);
@@ -732,6 +735,7 @@ impl<B: ModelOps> Model<B> {
                 v,
                 temperature,
             );
+            logp.extend(be.download(be.all(&lp)));
             let dlp = be.upload(&dlogp[r.clone()]);
             let dent = dentropy.map(|d| be.upload(&d[r.clone()]));
             let mut dlogits = self.pool.take_zeroed(be, m * v);
@@ -758,7 +762,7 @@ impl<B: ModelOps> Model<B> {
             );
             self.pool.put([logits, lp, lse, dlogits]);
         }
-        Ok(dhidden)
+        Ok((dhidden, logp))
     }
 
     /// Next-token log-probs of a batch: `out[b][t] = log p(ids[b, t+1] | ids[b, ..=t])` for each

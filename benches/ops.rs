@@ -73,6 +73,59 @@ fn matmul_decode(c: &mut Criterion) {
     }
 }
 
+/// A prefill's products (128 prompt tokens, the 6-layer config's up- and down-projections):
+/// the dot-product kernel `matmul_forward` picks at this size, against the gemm call it
+/// replaces (bias copied in, gemm accumulating onto it, rayon threads), in one run.
+fn matmul_prefill(c: &mut Criterion) {
+    let n = 128;
+    for (ci, oc) in [(384, 1536), (1536, 384)] {
+        let (inp, w, b) = (data(n * ci, 1), data(oc * ci, 2), data(oc, 3));
+        let mut out = vec![0.0; n * oc];
+        let mut g = c.benchmark_group(format!("matmul prefill {n}x{ci}x{oc}"));
+        g.throughput(Throughput::Elements((2 * n * ci * oc) as u64));
+        g.bench_function("dots", |bch| {
+            rayon::scope(|_| {
+                bch.iter(|| CPU.matmul_forward(&mut out, &inp, &w, Some(&b), n, ci, oc))
+            })
+        });
+        g.bench_function("gemm", |bch| {
+            rayon::scope(|_| {
+                bch.iter(|| {
+                    for row in out.chunks_exact_mut(oc) {
+                        row.copy_from_slice(&b);
+                    }
+                    // SAFETY: out (N, OC), inp (N, C) and w (OC, C) read as its transpose are
+                    // in bounds and distinct.
+                    unsafe {
+                        gemm::gemm(
+                            n,
+                            oc,
+                            ci,
+                            out.as_mut_ptr(),
+                            1,
+                            oc as isize,
+                            true,
+                            inp.as_ptr(),
+                            1,
+                            ci as isize,
+                            w.as_ptr(),
+                            ci as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::Rayon(0),
+                        )
+                    }
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
 /// Causal attention, no padding, at B = 8, T = 128 with the 6-layer config's heads (NH = KVH = 6,
 /// HD = 64) and the llama fixture's (NH = 4, KVH = 2, HD = 16).
 fn attention(c: &mut Criterion) {
@@ -258,6 +311,7 @@ criterion_group!(
     sgemm_peak,
     matmul,
     matmul_decode,
+    matmul_prefill,
     attention,
     layernorm,
     gelu,

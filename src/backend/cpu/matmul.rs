@@ -224,6 +224,10 @@ pub fn matmul_forward(
     if n <= SKINNY_ROWS {
         return skinny_matmul_forward(out, inp, w, bias, n, c, oc, has_avx512());
     }
+    #[cfg(target_arch = "x86_64")]
+    if n <= DOTS_ROWS && c >= DOTS_MIN_WIDTH && has_avx512() {
+        return dots_matmul_forward(out, inp, w, bias, n, c, oc);
+    }
     // The bias goes in first and gemm accumulates onto it: one pass over `out` fewer than
     // adding it afterwards.
     if let Some(bias) = bias {
@@ -671,6 +675,194 @@ unsafe fn skinny_block_avx512(
     }
 }
 
+/// Row counts up to which [`dots_matmul_forward`] replaces gemm on an AVX-512 CPU: a prefill's
+/// prompt tokens, or a small batch's.
+const DOTS_ROWS: usize = 256;
+
+/// Input widths from which [`dots_matmul_forward`] is used. Narrower, a block's few steps of
+/// dot products weigh little against its reduction and stores, and gemm's outer products do as
+/// well or better: `cargo bench --bench ops -- "matmul prefill"` gave 562 µs against gemm's 457
+/// at 128×384 by 1536, and 534 µs against 1009 at 128×1536 by 384; the llama fixture's prefill
+/// (C = 64) took 290 µs this way against 175 µs through gemm.
+const DOTS_MIN_WIDTH: usize = 1024;
+
+/// Floats of weights per task of [`dots_matmul_forward`] (256 KiB): a task's rows stay in L2
+/// while every block of input rows passes over them.
+const DOTS_TASK_FLOATS: usize = 1 << 14;
+
+/// Rows and channels of one [`dots_block_avx512`]: 16 accumulators, one per output.
+const DOTS_BLOCK: usize = 4;
+
+/// `out = inp · wᵀ + bias` for up to a few hundred rows, as dot products of input rows with
+/// weight rows, 4 × 4 at a time. Both operands are read along `C` as they are stored, so
+/// nothing is packed; gemm packs both here (our (OC, C) weights are its column-major right
+/// operand, a strided gather) and for 128 rows that packing is a fifth of its time.
+/// `cargo bench --bench ops -- "matmul prefill"` has the figures.
+#[cfg(target_arch = "x86_64")]
+fn dots_matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    /// The output's base pointer, shared by tasks that write disjoint columns.
+    struct Out(*mut f32);
+    // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
+    // the parallel loop.
+    unsafe impl Sync for Out {}
+    let dst = Out(out.as_mut_ptr());
+    let dst = &dst;
+    let per_task = (DOTS_TASK_FLOATS / c)
+        .next_multiple_of(DOTS_BLOCK)
+        .max(DOTS_BLOCK);
+    w.par_chunks(per_task * c)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let task = DotsTask {
+                out: dst.0,
+                o_start: task * per_task,
+                rows,
+                inp,
+                bias,
+                n,
+                c,
+                oc,
+            };
+            // SAFETY: AVX-512F checked by the caller; the task's channels lie inside `out`
+            // (N·OC, asserted by the caller) and no other task writes them.
+            unsafe { dots_task_avx512(&task) };
+        });
+}
+
+/// One parallel task of [`dots_matmul_forward`]: output channels `o_start..` (one per row of
+/// `rows`) of all `n` rows.
+#[cfg(target_arch = "x86_64")]
+struct DotsTask<'a> {
+    out: *mut f32,
+    o_start: usize,
+    rows: &'a [f32],
+    inp: &'a [f32],
+    bias: Option<&'a [f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+}
+
+/// [`DotsTask`]'s blocks of 4 rows × 4 channels, each input block against every weight block
+/// (the task's weights stay in L2, the 4 input rows in L1). A partial block repeats its last
+/// row or channel and stores only the real outputs.
+///
+/// # Safety
+/// The CPU must support AVX-512F; the task's outputs must be writable, and written by no one
+/// else meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_task_avx512(task: &DotsTask) {
+    use std::arch::x86_64::*;
+    let (n, c, oc) = (task.n, task.c, task.oc);
+    let channels = task.rows.len() / c;
+    assert!(
+        task.inp.len() == n * c && channels * c == task.rows.len() && task.o_start + channels <= oc,
+        "dots_task: operands disagree"
+    );
+    let (x0, w0) = (task.inp.as_ptr(), task.rows.as_ptr());
+    for r0 in (0..n).step_by(DOTS_BLOCK) {
+        let rows_in = DOTS_BLOCK.min(n - r0);
+        // SAFETY: every index is clamped to a real row of `inp`.
+        let xs: [*const f32; DOTS_BLOCK] =
+            std::array::from_fn(|r| unsafe { x0.add((r0 + r).min(n - 1) * c) });
+        for j0 in (0..channels).step_by(DOTS_BLOCK) {
+            let jn = DOTS_BLOCK.min(channels - j0);
+            let o0 = task.o_start + j0;
+            // SAFETY: every index is clamped to a real row of the task's weights.
+            let ws: [*const f32; DOTS_BLOCK] =
+                std::array::from_fn(|j| unsafe { w0.add((j0 + j).min(channels - 1) * c) });
+            let bias = match task.bias {
+                // SAFETY: channels o0..o0 + 4 exist.
+                Some(b) if jn == DOTS_BLOCK => unsafe {
+                    _mm512_broadcast_f32x4(_mm_loadu_ps(b[o0..o0 + DOTS_BLOCK].as_ptr()))
+                },
+                Some(b) => {
+                    let q: [f32; DOTS_BLOCK] = std::array::from_fn(|j| b[o0 + j.min(jn - 1)]);
+                    // SAFETY: `q` holds 4 floats.
+                    unsafe { _mm512_broadcast_f32x4(_mm_loadu_ps(q.as_ptr())) }
+                }
+                None => _mm512_setzero_ps(),
+            };
+            // SAFETY: the pointers' rows hold C floats; AVX-512F by the caller's contract.
+            let sums = _mm512_add_ps(unsafe { dots_block_avx512(ws, xs, c) }, bias);
+            let keep: u16 = (1 << jn) - 1;
+            for r in 0..rows_in {
+                // Quarter r is row r0 + r's channels o0..o0 + 4: a store of the whole vector
+                // from 4r floats before them, with only lanes 4r..4r + jn enabled (masked-off
+                // lanes are not touched).
+                let at = task.out.wrapping_add((r0 + r) * oc + o0);
+                // SAFETY: the enabled lanes are this task's outputs (row r0 + r, channels
+                // o0..o0 + jn), the caller's to write.
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        at.wrapping_sub(DOTS_BLOCK * r),
+                        keep << (DOTS_BLOCK * r),
+                        sums,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// The 16 dots of 4 weight rows `ws` with 4 input rows `xs` (C floats each), by FMA chains over
+/// 16-lane blocks (the last one zero-padded). Accumulator `a = j·4 + r` lands in lane `4r + j`
+/// of [`lane_sums16_shuffled`], so quarter `r` holds row `r`'s 4 channels in order.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and each pointer must start `c` readable floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dots_block_avx512(
+    ws: [*const f32; DOTS_BLOCK],
+    xs: [*const f32; DOTS_BLOCK],
+    c: usize,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); DOTS_BLOCK * DOTS_BLOCK];
+    let whole = c - c % 16;
+    for k in (0..whole).step_by(16) {
+        // SAFETY: k + 16 <= whole <= C, so each load lies inside its row.
+        let load = |p: *const f32| unsafe { _mm512_loadu_ps(p.add(k)) };
+        dots_step(&mut acc, ws.map(load), xs.map(load));
+    }
+    if whole < c {
+        let m: __mmask16 = (1 << (c - whole)) - 1;
+        // SAFETY: the mask keeps each load to elements whole..C of its row.
+        let load = |p: *const f32| unsafe { _mm512_maskz_loadu_ps(m, p.add(whole)) };
+        dots_step(&mut acc, ws.map(load), xs.map(load));
+    }
+    // SAFETY: AVX-512F by the caller's contract.
+    unsafe { lane_sums16_shuffled(acc) }
+}
+
+/// One 16-lane step of [`dots_block_avx512`]: accumulator `j·4 + r` += `w[j] · x[r]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn dots_step(
+    acc: &mut [std::arch::x86_64::__m512; DOTS_BLOCK * DOTS_BLOCK],
+    w: [std::arch::x86_64::__m512; DOTS_BLOCK],
+    x: [std::arch::x86_64::__m512; DOTS_BLOCK],
+) {
+    use std::arch::x86_64::_mm512_fmadd_ps;
+    for (j, &w) in w.iter().enumerate() {
+        for (r, &x) in x.iter().enumerate() {
+            acc[j * DOTS_BLOCK + r] = _mm512_fmadd_ps(w, x, acc[j * DOTS_BLOCK + r]);
+        }
+    }
+}
+
 /// `dinp += dout · w` (when `dinp` is given) and `dw += doutᵀ · inp`.
 /// dinp: (N, C), dw: (OC, C), dout: (N, OC), inp: (N, C), w: (OC, C).
 #[allow(clippy::too_many_arguments)]
@@ -799,6 +991,50 @@ mod tests {
                 if has_avx512() {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
+                }
+            }
+        }
+    }
+
+    /// The dot-product kernel against an f64 product, within 1e-5 relative to the sum of
+    /// |terms|: row and channel counts that leave partial 4 × 4 blocks, widths with and without
+    /// a tail past the 16-lane blocks, tasks split over the channels, with and without a bias,
+    /// and nothing written outside `out`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dots_product_matches_f64() {
+        if !has_avx512() {
+            return;
+        }
+        let mut rng = Rng::new(11);
+        for (n, c, oc) in [
+            (17, 1031, 66),
+            (128, 1024, 9),
+            (19, 16, 5),
+            (6, 5, 1),
+            (33, 2048, 3),
+        ] {
+            let mut draw =
+                |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+            let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
+            for bias in [None, Some(&b[..])] {
+                let mut out = vec![f32::NAN; n * oc + 2];
+                dots_matmul_forward(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc);
+                assert!(
+                    out[0].is_nan() && out[n * oc + 1].is_nan(),
+                    "wrote outside out"
+                );
+                for r in 0..n {
+                    for o in 0..oc {
+                        let terms = (0..c).map(|k| inp[r * c + k] as f64 * w[o * c + k] as f64);
+                        let exact = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[o] as f64);
+                        let scale = terms.map(f64::abs).sum::<f64>() + 1.0;
+                        let got = out[1 + r * oc + o] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * scale,
+                            "N {n} C {c} OC {oc} ({r}, {o}): {got} vs {exact}"
+                        );
+                    }
                 }
             }
         }

@@ -258,6 +258,12 @@ pub fn matmul_forward(
     }
 }
 
+/// An output's base pointer, shared by the tasks of a product that each write their own output
+/// channels.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements, and the output outlives their parallel loop.
+unsafe impl Sync for SharedOut {}
+
 /// Row counts up to which [`skinny_matmul_forward`] replaces gemm: a decode step's one token per
 /// sequence.
 const SKINNY_ROWS: usize = 16;
@@ -313,11 +319,6 @@ fn skinny_matmul_forward(
     oc: usize,
     avx512: bool,
 ) {
-    /// The output's base pointer, shared by tasks that write disjoint columns.
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
-    // the parallel loop.
-    unsafe impl Sync for Out {}
     if n == 0 {
         return;
     }
@@ -329,7 +330,7 @@ fn skinny_matmul_forward(
         }
         return;
     }
-    let dst = Out(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     let dst = &dst;
     let per_task = (SKINNY_TASK_WORK / (n * c).max(1))
         .next_multiple_of(SKINNY_PAIR)
@@ -708,12 +709,7 @@ fn dots_matmul_forward(
     c: usize,
     oc: usize,
 ) {
-    /// The output's base pointer, shared by tasks that write disjoint columns.
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint elements (their own output channels) and the slice outlives
-    // the parallel loop.
-    unsafe impl Sync for Out {}
-    let dst = Out(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     let dst = &dst;
     let per_task = (DOTS_TASK_FLOATS / c)
         .next_multiple_of(DOTS_BLOCK)
@@ -946,6 +942,39 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
+    /// Runs `f` on an output of `len` elements between two NaN guards, checks that neither guard
+    /// was written, and returns the output.
+    fn guarded(len: usize, f: impl FnOnce(&mut [f32])) -> Vec<f32> {
+        let mut out = vec![f32::NAN; len + 2];
+        f(&mut out[1..len + 1]);
+        assert!(
+            out[0].is_nan() && out[len + 1].is_nan(),
+            "wrote outside out"
+        );
+        out[1..len + 1].to_vec()
+    }
+
+    /// Asserts `out = inp · wᵀ + bias` against an f64 product, within 1e-5 relative to the sum
+    /// of |terms| (plus 1): an f32 sum's rounding.
+    fn assert_product_f64(
+        out: &[f32],
+        (inp, w, bias): (&[f32], &[f32], Option<&[f32]>),
+        (n, c, oc): (usize, usize, usize),
+    ) {
+        for r in 0..n {
+            for o in 0..oc {
+                let terms = (0..c).map(|k| inp[r * c + k] as f64 * w[o * c + k] as f64);
+                let exact = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[o] as f64);
+                let scale = terms.map(f64::abs).sum::<f64>() + 1.0;
+                let got = out[r * oc + o] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * scale,
+                    "N {n} C {c} OC {oc} ({r}, {o}): {got} vs {exact}"
+                );
+            }
+        }
+    }
+
     /// The skinny product's AVX-512 kernel gives the portable kernel's bits (the same lane tree,
     /// the same zero-padded tail), and both match an f64 product within 1e-5 relative to the sum
     /// of |terms|: widths with and without a remainder past the 16-lane blocks, odd channel
@@ -966,28 +995,12 @@ mod tests {
             let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
             for bias in [None, Some(&b[..])] {
                 let run = |avx: bool| {
-                    // Guard elements on both sides catch a stray write.
-                    let mut out = vec![f32::NAN; n * oc + 2];
-                    skinny_matmul_forward(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc, avx);
-                    assert!(
-                        out[0].is_nan() && out[n * oc + 1].is_nan(),
-                        "wrote outside out"
-                    );
-                    out[1..n * oc + 1].to_vec()
+                    guarded(n * oc, |out| {
+                        skinny_matmul_forward(out, &inp, &w, bias, n, c, oc, avx)
+                    })
                 };
                 let portable = run(false);
-                for r in 0..n {
-                    for o in 0..oc {
-                        let terms = (0..c).map(|k| inp[r * c + k] as f64 * w[o * c + k] as f64);
-                        let exact = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[o] as f64);
-                        let scale = terms.map(f64::abs).sum::<f64>() + 1.0;
-                        let got = portable[r * oc + o] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * scale,
-                            "N {n} C {c} OC {oc} ({r}, {o}): {got} vs {exact}"
-                        );
-                    }
-                }
+                assert_product_f64(&portable, (&inp, &w, bias), (n, c, oc));
                 if has_avx512() {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
@@ -1018,24 +1031,10 @@ mod tests {
                 |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
             let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
             for bias in [None, Some(&b[..])] {
-                let mut out = vec![f32::NAN; n * oc + 2];
-                dots_matmul_forward(&mut out[1..n * oc + 1], &inp, &w, bias, n, c, oc);
-                assert!(
-                    out[0].is_nan() && out[n * oc + 1].is_nan(),
-                    "wrote outside out"
-                );
-                for r in 0..n {
-                    for o in 0..oc {
-                        let terms = (0..c).map(|k| inp[r * c + k] as f64 * w[o * c + k] as f64);
-                        let exact = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[o] as f64);
-                        let scale = terms.map(f64::abs).sum::<f64>() + 1.0;
-                        let got = out[1 + r * oc + o] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * scale,
-                            "N {n} C {c} OC {oc} ({r}, {o}): {got} vs {exact}"
-                        );
-                    }
-                }
+                let out = guarded(n * oc, |out| {
+                    dots_matmul_forward(out, &inp, &w, bias, n, c, oc)
+                });
+                assert_product_f64(&out, (&inp, &w, bias), (n, c, oc));
             }
         }
     }

@@ -958,7 +958,7 @@ mod tests {
     /// of |terms| (plus 1): an f32 sum's rounding.
     fn assert_product_f64(
         out: &[f32],
-        (inp, w, bias): (&[f32], &[f32], Option<&[f32]>),
+        (inp, w, bias): Operands,
         (n, c, oc): (usize, usize, usize),
     ) {
         for r in 0..n {
@@ -975,38 +975,54 @@ mod tests {
         }
     }
 
+    /// A product's `(inp, w, bias)`.
+    type Operands<'a> = (&'a [f32], &'a [f32], Option<&'a [f32]>);
+
+    /// Calls `check` with operands drawn from N(0, 1) for each shape `(n, c, oc)`, without a
+    /// bias and with one.
+    fn each_case(
+        seed: u64,
+        shapes: &[(usize, usize, usize)],
+        mut check: impl FnMut(Operands, (usize, usize, usize)),
+    ) {
+        let mut rng = Rng::new(seed);
+        for &(n, c, oc) in shapes {
+            let mut draw =
+                |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+            let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
+            for bias in [None, Some(&b[..])] {
+                check((&inp, &w, bias), (n, c, oc));
+            }
+        }
+    }
+
     /// The skinny product's AVX-512 kernel gives the portable kernel's bits (the same lane tree,
     /// the same zero-padded tail), and both match an f64 product within 1e-5 relative to the sum
     /// of |terms|: widths with and without a remainder past the 16-lane blocks, odd channel
     /// counts, partial row groups, with and without a bias, and nothing written outside `out`.
     #[test]
     fn skinny_kernels_agree_and_match_f64() {
-        let mut rng = Rng::new(3);
-        for (n, c, oc) in [
+        let shapes = [
             (8, 64, 128),
             (8, 100, 7),
             (3, 16, 5),
             (11, 384, 66),
             (16, 1001, 3),
             (1, 5, 1),
-        ] {
-            let mut draw =
-                |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-            let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
-            for bias in [None, Some(&b[..])] {
-                let run = |avx: bool| {
-                    guarded(n * oc, |out| {
-                        skinny_matmul_forward(out, &inp, &w, bias, n, c, oc, avx)
-                    })
-                };
-                let portable = run(false);
-                assert_product_f64(&portable, (&inp, &w, bias), (n, c, oc));
-                if has_avx512() {
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
-                }
+        ];
+        each_case(3, &shapes, |(inp, w, bias), (n, c, oc)| {
+            let run = |avx: bool| {
+                guarded(n * oc, |out| {
+                    skinny_matmul_forward(out, inp, w, bias, n, c, oc, avx)
+                })
+            };
+            let portable = run(false);
+            assert_product_f64(&portable, (inp, w, bias), (n, c, oc));
+            if has_avx512() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&run(true)), bits(&portable), "N {n} C {c} OC {oc}");
             }
-        }
+        });
     }
 
     /// The dot-product kernel against an f64 product, within 1e-5 relative to the sum of
@@ -1019,24 +1035,19 @@ mod tests {
         if !has_avx512() {
             return;
         }
-        let mut rng = Rng::new(11);
-        for (n, c, oc) in [
+        let shapes = [
             (17, 1031, 66),
             (128, 1024, 9),
             (19, 16, 5),
             (6, 5, 1),
             (33, 2048, 3),
-        ] {
-            let mut draw =
-                |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-            let (inp, w, b) = (draw(n * c), draw(oc * c), draw(oc));
-            for bias in [None, Some(&b[..])] {
-                let out = guarded(n * oc, |out| {
-                    dots_matmul_forward(out, &inp, &w, bias, n, c, oc)
-                });
-                assert_product_f64(&out, (&inp, &w, bias), (n, c, oc));
-            }
-        }
+        ];
+        each_case(11, &shapes, |(inp, w, bias), (n, c, oc)| {
+            let out = guarded(n * oc, |out| {
+                dots_matmul_forward(out, inp, w, bias, n, c, oc)
+            });
+            assert_product_f64(&out, (inp, w, bias), (n, c, oc));
+        });
     }
 
     /// The 16-column kernel against an f64 product, for both lhs layouts, both write modes, and

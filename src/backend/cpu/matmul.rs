@@ -330,43 +330,29 @@ fn skinny_matmul_forward(
         }
         return;
     }
-    let dst = SharedOut(out.as_mut_ptr());
-    let dst = &dst;
     let per_task = (SKINNY_TASK_WORK / (n * c).max(1))
         .next_multiple_of(SKINNY_PAIR)
         .max(SKINNY_OC_CHUNK);
     #[cfg(target_arch = "x86_64")]
     let lanes = SkinnyLanes::new(oc);
-    w.par_chunks(per_task * c)
-        .enumerate()
-        .for_each(|(chunk, rows)| {
-            let task = SkinnyTask {
-                out: dst.0,
-                o_start: chunk * per_task,
-                rows,
-                inp,
-                n,
-                c,
-                oc,
-                bias,
-            };
-            // SAFETY: the task's channels lie inside `out` (N·OC, asserted by the caller) and
-            // no other task writes them.
-            unsafe {
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    return skinny_task_avx512(&task, &lanes);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = avx512;
-                skinny_task_portable(&task)
+    ProductTask::operands(out, inp, w, bias, n, c, oc).for_each_task(per_task, |task| {
+        // SAFETY: the task's channels lie inside `out` (N·OC, asserted by the caller) and no
+        // other task writes them.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                return skinny_task_avx512(task, &lanes);
             }
-        });
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = avx512;
+            skinny_task_portable(task)
+        }
+    });
 }
 
-/// One parallel task of the skinny product: output channels `o_start..` (one per row of `rows`)
-/// of all `n` rows.
-struct SkinnyTask<'a> {
+/// One parallel task of the skinny or the dot-product kernel: output channels `o_start..` (one
+/// per row of `rows`) of all `n` rows.
+struct ProductTask<'a> {
     out: *mut f32,
     o_start: usize,
     rows: &'a [f32],
@@ -377,7 +363,61 @@ struct SkinnyTask<'a> {
     bias: Option<&'a [f32]>,
 }
 
-impl SkinnyTask<'_> {
+impl<'a> ProductTask<'a> {
+    /// The whole product `out = inp · wᵀ + bias` as one task (all channels).
+    fn operands(
+        out: &'a mut [f32],
+        inp: &'a [f32],
+        w: &'a [f32],
+        bias: Option<&'a [f32]>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> ProductTask<'a> {
+        ProductTask {
+            out: out.as_mut_ptr(),
+            o_start: 0,
+            rows: w,
+            inp,
+            n,
+            c,
+            oc,
+            bias,
+        }
+    }
+
+    /// Runs `f` in parallel on tasks of `per_task` channels each.
+    fn for_each_task(self, per_task: usize, f: impl Fn(&ProductTask) + Sync) {
+        let ProductTask {
+            out,
+            o_start,
+            rows,
+            inp,
+            n,
+            c,
+            oc,
+            bias,
+        } = self;
+        let dst = SharedOut(out);
+        let dst = &dst;
+        rows.par_chunks(per_task * c)
+            .enumerate()
+            .for_each(|(chunk, rows)| {
+                f(&ProductTask {
+                    out: dst.0,
+                    o_start: o_start + chunk * per_task,
+                    rows,
+                    inp,
+                    n,
+                    c,
+                    oc,
+                    bias,
+                })
+            });
+    }
+}
+
+impl ProductTask<'_> {
     /// Calls `f` for each block of 2 channels × 8 rows with the blocks' weight and input rows.
     /// An odd channel count's last block repeats its weight row and a partial group of rows its
     /// first row, so every block has full operands; only the real outputs are stored.
@@ -414,24 +454,24 @@ impl SkinnyTask<'_> {
     }
 }
 
-/// [`SkinnyTask`] by the portable kernel.
+/// [`ProductTask`] by the portable kernel.
 ///
 /// # Safety
 /// The task's outputs must be writable, and written by no one else meanwhile.
-unsafe fn skinny_task_portable(task: &SkinnyTask) {
+unsafe fn skinny_task_portable(task: &ProductTask) {
     task.each_block(|block, ws, xs| {
         // SAFETY: the block's outputs are the task's (the caller's contract).
         unsafe { skinny_block_portable(task.out, block, task.bias, ws, xs) }
     });
 }
 
-/// [`SkinnyTask`] by the AVX-512 kernel.
+/// [`ProductTask`] by the AVX-512 kernel.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, and the contract of [`skinny_task_portable`] holds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn skinny_task_avx512(task: &SkinnyTask, lanes: &SkinnyLanes) {
+unsafe fn skinny_task_avx512(task: &ProductTask, lanes: &SkinnyLanes) {
     task.each_block(|block, ws, xs| {
         // SAFETY: AVX-512F and the block's outputs are the caller's contract.
         unsafe { skinny_block_avx512(task.out, block, lanes, task.bias, ws, *xs) }
@@ -709,54 +749,26 @@ fn dots_matmul_forward(
     c: usize,
     oc: usize,
 ) {
-    let dst = SharedOut(out.as_mut_ptr());
-    let dst = &dst;
     let per_task = (DOTS_TASK_FLOATS / c)
         .next_multiple_of(DOTS_BLOCK)
         .max(DOTS_BLOCK);
-    w.par_chunks(per_task * c)
-        .enumerate()
-        .for_each(|(task, rows)| {
-            let task = DotsTask {
-                out: dst.0,
-                o_start: task * per_task,
-                rows,
-                inp,
-                bias,
-                n,
-                c,
-                oc,
-            };
-            // SAFETY: AVX-512F checked by the caller; the task's channels lie inside `out`
-            // (N·OC, asserted by the caller) and no other task writes them.
-            unsafe { dots_task_avx512(&task) };
-        });
+    ProductTask::operands(out, inp, w, bias, n, c, oc).for_each_task(per_task, |task| {
+        // SAFETY: AVX-512F checked by the caller; the task's channels lie inside `out` (N·OC,
+        // asserted by the caller) and no other task writes them.
+        unsafe { dots_task_avx512(task) }
+    });
 }
 
-/// One parallel task of [`dots_matmul_forward`]: output channels `o_start..` (one per row of
-/// `rows`) of all `n` rows.
-#[cfg(target_arch = "x86_64")]
-struct DotsTask<'a> {
-    out: *mut f32,
-    o_start: usize,
-    rows: &'a [f32],
-    inp: &'a [f32],
-    bias: Option<&'a [f32]>,
-    n: usize,
-    c: usize,
-    oc: usize,
-}
-
-/// [`DotsTask`]'s blocks of 4 rows × 4 channels, each input block against every weight block
-/// (the task's weights stay in L2, the 4 input rows in L1). A partial block repeats its last
-/// row or channel and stores only the real outputs.
+/// A [`ProductTask`] of [`dots_matmul_forward`]: blocks of 4 rows × 4 channels, each input
+/// block against every weight block (the task's weights stay in L2, the 4 input rows in L1). A
+/// partial block repeats its last row or channel and stores only the real outputs.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; the task's outputs must be writable, and written by no one
 /// else meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_task_avx512(task: &DotsTask) {
+unsafe fn dots_task_avx512(task: &ProductTask) {
     use std::arch::x86_64::*;
     let (n, c, oc) = (task.n, task.c, task.oc);
     let channels = task.rows.len() / c;

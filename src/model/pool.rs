@@ -1,9 +1,10 @@
 //! Activation buffers kept from one pass for the next.
 //!
 //! A training step allocates the same buffers every time: a fresh zero-filled allocation then
-//! costs a memset per buffer that the op writing it makes pointless (at the llama fixture's size
-//! the zero-fills were about a tenth of the step). The model hands its activations back when a
-//! step is done and takes them again in the next, contents and all.
+//! costs a memset per buffer that the op writing it makes pointless. The model hands its
+//! activations back when a step is done and takes them again in the next, contents and all:
+//! `RAYON_NUM_THREADS=1 rlhf bench train --configs llama-tiny --steps 20 --no-torch`, alternating
+//! binaries, 118k/112k/111k tok/s before, 122k/117k/116k after.
 
 use crate::backend::Backend;
 use std::sync::{Mutex, MutexGuard};

@@ -143,16 +143,9 @@ fn swiglu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32], i: usize)
         // over the row was left scalar by the compiler.
         const L: usize = 16;
         let whole = i - i % L;
-        let (mut dg_blocks, mut du_blocks) = (
-            dgate[..whole].chunks_exact_mut(L),
-            dup[..whole].chunks_exact_mut(L),
-        );
-        for (k, (dg, du)) in (0..whole)
-            .step_by(L)
-            .zip(dg_blocks.by_ref().zip(&mut du_blocks))
-        {
-            let dg: &mut [f32; L] = dg.try_into().expect("a whole block");
-            let du: &mut [f32; L] = du.try_into().expect("a whole block");
+        for k in (0..whole).step_by(L) {
+            let dg: &mut [f32; L] = (&mut dgate[k..k + L]).try_into().expect("a whole block");
+            let du: &mut [f32; L] = (&mut dup[k..k + L]).try_into().expect("a whole block");
             let g: &[f32; L] = gate[k..k + L].try_into().expect("a whole block");
             let u: &[f32; L] = up[k..k + L].try_into().expect("a whole block");
             let d: &[f32; L] = dy[k..k + L].try_into().expect("a whole block");

@@ -211,9 +211,8 @@ fn visible_columns(cols: &mut [u32; TILE], mask: &[bool], j0: usize) -> usize {
     n
 }
 
-/// [`visible_columns`] for whole blocks of 16 columns by a compressing store: the scalar loop's
-/// count is one chain of dependent adds, a tenth of a decode step's attention at the llama
-/// fixture's size. Returns the count and the columns covered.
+/// [`visible_columns`] for whole blocks of 16 columns by a compressing store, where the scalar
+/// loop's count is one chain of dependent adds. Returns the count and the columns covered.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, and `mask` must hold at most [`TILE`] columns.

@@ -727,7 +727,7 @@ const DOTS_ROWS: usize = 256;
 /// (C = 64) took 290 µs this way against 175 µs through gemm.
 const DOTS_MIN_WIDTH: usize = 1024;
 
-/// Floats of weights per task of [`dots_matmul_forward`] (256 KiB): a task's rows stay in L2
+/// Floats of weights per task of [`dots_matmul_forward`] (64 KiB): a task's rows stay in L2
 /// while every block of input rows passes over them.
 const DOTS_TASK_FLOATS: usize = 1 << 14;
 
@@ -737,8 +737,7 @@ const DOTS_BLOCK: usize = 4;
 /// `out = inp · wᵀ + bias` for up to a few hundred rows, as dot products of input rows with
 /// weight rows, 4 × 4 at a time. Both operands are read along `C` as they are stored, so
 /// nothing is packed; gemm packs both here (our (OC, C) weights are its column-major right
-/// operand, a strided gather) and for 128 rows that packing is a fifth of its time.
-/// `cargo bench --bench ops -- "matmul prefill"` has the figures.
+/// operand, a strided gather). [`DOTS_MIN_WIDTH`] has the figures against gemm.
 #[cfg(target_arch = "x86_64")]
 fn dots_matmul_forward(
     out: &mut [f32],

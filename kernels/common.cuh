@@ -122,6 +122,103 @@ __device__ __forceinline__ void store_f32(rl_bf16* p, float x) { *p = to_bf16(x)
 __device__ __forceinline__ void store_f32(rl_f16* p, float x) { *p = to_f16(x); }
 
 // ------------------------------------------------------------------------------------------------
+// 16-byte loads and stores
+// ------------------------------------------------------------------------------------------------
+//
+// A kernel that streams a long row (the log-prob kernels over the vocabulary) reads it 16 bytes
+// per thread and instruction: with 2-byte elements read one at a time, a warp's load fetches
+// 64 bytes and the kernel tops out near a third of the memory bandwidth.
+
+/// 16 bytes, aligned so that a copy of it is one vector load or store.
+struct alignas(16) rl_vec16 {
+  unsigned w[4];
+};
+
+/// Elements of `T` in 16 bytes.
+template <typename T>
+struct rl_lanes {
+  static constexpr int n = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ void unpack16(const rl_vec16& v, float (&z)[4]) {
+  for (int k = 0; k < 4; ++k) z[k] = __uint_as_float(v.w[k]);
+}
+
+/// Element 2k is the low half of word k (little-endian).
+__device__ __forceinline__ void unpack16(const rl_vec16& v, rl_bf16, float (&z)[8]) {
+  for (int k = 0; k < 4; ++k) {
+    z[2 * k] = __uint_as_float(v.w[k] << 16);
+    z[2 * k + 1] = __uint_as_float(v.w[k] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ void unpack16(const rl_vec16& v, rl_f16, float (&z)[8]) {
+  for (int k = 0; k < 4; ++k) {
+    rl_f16 lo, hi;
+    lo.bits = (unsigned short)(v.w[k] & 0xffffu);
+    hi.bits = (unsigned short)(v.w[k] >> 16);
+    z[2 * k] = to_f32(lo);
+    z[2 * k + 1] = to_f32(hi);
+  }
+}
+
+/// Reads the 16 bytes at `p` (16-byte aligned) as f32 values.
+__device__ __forceinline__ void load16(const float* p, float (&z)[4]) {
+  unpack16(*reinterpret_cast<const rl_vec16*>(p), z);
+}
+template <typename H>
+__device__ __forceinline__ void load16(const H* p, float (&z)[8]) {
+  unpack16(*reinterpret_cast<const rl_vec16*>(p), H(), z);
+}
+
+/// Writes `z` at `p` (16-byte aligned) as `p`'s element type, rounding as [`store_f32`] does.
+__device__ __forceinline__ void store16(float* p, const float (&z)[4]) {
+  rl_vec16 v;
+  for (int k = 0; k < 4; ++k) v.w[k] = __float_as_uint(z[k]);
+  *reinterpret_cast<rl_vec16*>(p) = v;
+}
+template <typename H>
+__device__ __forceinline__ void store16(H* p, const float (&z)[8]) {
+  rl_vec16 v;
+  for (int k = 0; k < 4; ++k) {
+    H lo, hi;
+    store_f32(&lo, z[2 * k]);
+    store_f32(&hi, z[2 * k + 1]);
+    v.w[k] = (unsigned)lo.bits | ((unsigned)hi.bits << 16);
+  }
+  *reinterpret_cast<rl_vec16*>(p) = v;
+}
+
+/// How a row of `n` elements starting at `p` splits: elements [0, head) and [tail, n) one by
+/// one, [head, tail) in 16-byte vectors. `q` is a second row (or `p` again) walked in step
+/// with it; where the two are not aligned alike, the whole row goes one by one.
+struct rl_row_split {
+  int head, tail;
+};
+template <typename T>
+__device__ __forceinline__ rl_row_split row_split16(const T* p, const T* q, int n) {
+  const unsigned long long a = (unsigned long long)p, b = (unsigned long long)q;
+  rl_row_split r;
+  if ((a & 15u) != (b & 15u) || (a % sizeof(T)) != 0) {
+    r.head = n;
+    r.tail = n;
+    return r;
+  }
+  const int head = (int)(((16u - (a & 15u)) & 15u) / sizeof(T));
+  r.head = head < n ? head : n;
+  r.tail = r.head + (n - r.head) / rl_lanes<T>::n * rl_lanes<T>::n;
+  return r;
+}
+
+/// Calls `f(i)` for each element a [`row_split16`] leaves to one-by-one access, spread over the
+/// block's threads.
+template <typename F>
+__device__ __forceinline__ void for_each_unaligned(const rl_row_split& s, int n, F f) {
+  for (int i = threadIdx.x; i < s.head; i += blockDim.x) f(i);
+  for (int i = s.tail + threadIdx.x; i < n; i += blockDim.x) f(i);
+}
+
+// ------------------------------------------------------------------------------------------------
 // deterministic reductions
 // ------------------------------------------------------------------------------------------------
 

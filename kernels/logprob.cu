@@ -11,14 +11,17 @@
 //   logprob_bwd_{f32,bf16,f16}(dlogits, logits, targets, lse, dlogp, dentropy?, V, temperature)
 // Logits (and dlogits) are f32, bf16 or f16; everything else is f32, and all arithmetic is f32.
 //
-// Nothing of size V is stored (DESIGN.md principle 4): the forward streams the row once, each
-// thread keeping an online softmax (running max m, s = Σ e^(z-m), t = Σ e^(z-m)·(z-m)) over its
-// strided share, and the block merges the per-thread triples in a fixed tree. Then
-// lse = m + ln s and H = ln s - t/s (relative to the max, so no two large numbers are subtracted).
-// The backward recomputes p from the saved lse, and H (one extra pass) only where dH != 0.
+// Nothing of size V is stored (DESIGN.md principle 4): the forward streams the row once, 16 bytes
+// per load (common.cuh's row_split16), each thread keeping an online softmax (running max m,
+// s = Σ e^(z-m), t = Σ e^(z-m)·(z-m)) over its strided share, and the block merges the
+// per-thread triples in a fixed tree. Then lse = m + ln s and H = ln s - t/s (relative to the
+// max, so no two large numbers are subtracted). The backward recomputes p from the saved lse,
+// and H (one extra pass) only where dH != 0.
 //
-// Exponentials use __expf (ex2.approx after one multiply): the terms it gets ~1e-6 wrong are
-// tiny ones, and it keeps the kernels memory-bound.
+// Arithmetic per logit is kept to a few instructions so that the kernels stay memory-bound: the
+// forward works in base 2 inside its loop (one multiply by log2(e)/temperature, one exp2, and
+// one max and rescale per 16-byte chunk rather than per logit); the backward uses __expf
+// (ex2.approx after one multiply), whose ~1e-6 errors fall on tiny terms.
 #include "common.cuh"
 
 /// Running softmax statistics of a set of tempered logits, relative to their max `m`.
@@ -27,27 +30,6 @@ struct OnlineSoftmax {
   float s;  // Σ e^(z-m)
   float t;  // Σ e^(z-m)·(z-m)
 };
-
-/// Adds one tempered logit. A -inf (or NaN) logit adds nothing: its e^(z-m) is 0, and 0·(-inf)
-/// would poison `t`.
-__device__ __forceinline__ void softmax_push(OnlineSoftmax& a, float z) {
-  if (z > a.m) {
-    if (a.s > 0.f) {
-      // Rescale to the new max: Σ e^(z-m')·(z-m') = α·(t + (m-m')·s), Σ e^(z-m') = α·s.
-      const float d = a.m - z;
-      const float alpha = __expf(d);
-      a.t = alpha * (a.t + d * a.s);
-      a.s *= alpha;
-    }
-    a.m = z;
-  }
-  const float d = z - a.m;
-  const float e = __expf(d);
-  if (e > 0.f) {
-    a.s += e;
-    a.t += e * d;
-  }
-}
 
 /// Rescales `a` to the max `m` (>= a.m) and adds it to (s, t).
 __device__ __forceinline__ void softmax_add_rescaled(const OnlineSoftmax& a, float m, float& s,
@@ -106,18 +88,74 @@ __device__ __forceinline__ OnlineSoftmax block_softmax_merge(OnlineSoftmax a) {
   return warp_softmax_merge(w);
 }
 
+/// Adds a chunk of logits already multiplied by log2(e)/temperature, in base-2 units (m, s, t
+/// of [`OnlineSoftmax`] with 2^ for e^): one max and at most one rescale per chunk, then one
+/// exp2 per element. A -inf or NaN logit gives d = NaN or -inf, clamped to -256, whose exp2 is 0
+/// (so it adds nothing, and 0·d stays 0).
+template <int N>
+__device__ __forceinline__ void softmax_push2(OnlineSoftmax& a, const float (&z)[N]) {
+  float cm = z[0];
+  for (int k = 1; k < N; ++k) cm = fmaxf(cm, z[k]);
+  if (cm > a.m) {
+    if (a.s > 0.f) {
+      const float d = a.m - cm;
+      const float alpha = exp2f(d);
+      a.t = alpha * (a.t + d * a.s);
+      a.s *= alpha;
+    }
+    a.m = cm;
+  }
+  for (int k = 0; k < N; ++k) {
+    const float d = fmaxf(z[k] - a.m, -256.f);
+    const float e = exp2f(d);
+    a.s += e;
+    a.t = fmaf(e, d, a.t);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void logprob_fwd(const T* __restrict__ logits,
                                             const unsigned* __restrict__ targets, int V,
                                             float temperature, float* __restrict__ logp,
                                             float* __restrict__ entropy, float* __restrict__ lse) {
+  constexpr int L = rl_lanes<T>::n;
   const long long row = blockIdx.x;
   const T* x = logits + row * V;
+  // Base-2 units inside the loop (one multiply and one exp2 per logit); natural units after.
+  const float scale = 1.4426950408889634f / temperature;
   OnlineSoftmax acc;
   acc.m = -rl_inf();
   acc.s = 0.f;
   acc.t = 0.f;
-  for (int i = threadIdx.x; i < V; i += blockDim.x) softmax_push(acc, to_f32(x[i]) / temperature);
+  const rl_row_split split = row_split16(x, x, V);
+  for_each_unaligned(split, V, [&](int i) {
+    const float z[1] = {to_f32(x[i]) * scale};
+    softmax_push2(acc, z);
+  });
+  // Two vectors in flight per thread, so enough bytes are outstanding to cover memory latency.
+  const int vectors = (split.tail - split.head) / L;
+  const T* body = x + split.head;
+  int j = threadIdx.x;
+  for (; j + (int)blockDim.x < vectors; j += 2 * blockDim.x) {
+    float z0[L], z1[L];
+    load16(body + (long long)j * L, z0);
+    load16(body + (long long)(j + blockDim.x) * L, z1);
+    for (int k = 0; k < L; ++k) {
+      z0[k] *= scale;
+      z1[k] *= scale;
+    }
+    softmax_push2(acc, z0);
+    softmax_push2(acc, z1);
+  }
+  if (j < vectors) {
+    float z0[L];
+    load16(body + (long long)j * L, z0);
+    for (int k = 0; k < L; ++k) z0[k] *= scale;
+    softmax_push2(acc, z0);
+  }
+  const float ln2 = 0.6931471805599453f;
+  acc.m *= ln2;
+  acc.t *= ln2;
   acc = block_softmax_merge(acc);
   if (threadIdx.x == 0) {
     const float ln_s = logf(acc.s);
@@ -128,6 +166,18 @@ __device__ __forceinline__ void logprob_fwd(const T* __restrict__ logits,
   }
 }
 
+/// One element of the backward: dz - (p·(dlogp + dH·(c + H)) - [target]·dlogp) / temperature,
+/// with c = z - lse = log p.
+__device__ __forceinline__ float logprob_grad(float x, float dz, float inv_t, float l, float dl,
+                                              float dh, float h, bool is_target) {
+  const float c = x * inv_t - l;
+  const float p = __expf(c);
+  const float g = p > 0.f ? p * (dl + dh * (c + h)) : 0.f;  // 0 where a logit is -inf
+  float d = dz - g * inv_t;
+  if (is_target) d += dl * inv_t;
+  return d;
+}
+
 template <typename T>
 __device__ __forceinline__ void logprob_bwd(T* __restrict__ dlogits, const T* __restrict__ logits,
                                             const unsigned* __restrict__ targets,
@@ -135,6 +185,7 @@ __device__ __forceinline__ void logprob_bwd(T* __restrict__ dlogits, const T* __
                                             const float* __restrict__ dlogp,
                                             const float* __restrict__ dentropy, int V,
                                             float temperature) {
+  constexpr int L = rl_lanes<T>::n;
   __shared__ float scratch[RL_WARP];
   const long long row = blockIdx.x;
   const T* x = logits + row * V;
@@ -143,25 +194,40 @@ __device__ __forceinline__ void logprob_bwd(T* __restrict__ dlogits, const T* __
   const float dl = dlogp[row];
   const float dh = dentropy ? dentropy[row] : 0.f;
   const float inv_t = 1.f / temperature;
+  const rl_row_split split = row_split16(x, (const T*)dz, V);
+  const int vectors = (split.tail - split.head) / L;
   // H = -Σ p·log p from the saved lse; skipped (uniformly over the block) when dH = 0.
   float h = 0.f;
   if (dh != 0.f) {
     float acc = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-      const float c = to_f32(x[i]) / temperature - l;
+    // p = 0 where a logit is -inf, and 0·(-inf) is NaN.
+    const auto add = [&](float z) {
+      const float c = z * inv_t - l;
       const float p = __expf(c);
-      if (p > 0.f) acc += p * c;  // p = 0 where a logit is -inf, and 0·(-inf) is NaN
+      if (p > 0.f) acc += p * c;
+    };
+    for_each_unaligned(split, V, [&](int i) { add(to_f32(x[i])); });
+    for (int j = threadIdx.x; j < vectors; j += blockDim.x) {
+      float z[L];
+      load16(x + split.head + (long long)j * L, z);
+      for (int k = 0; k < L; ++k) add(z[k]);
     }
     h = -block_sum1(acc, scratch);
   }
   const unsigned target = targets[row];
-  for (int i = threadIdx.x; i < V; i += blockDim.x) {
-    const float c = to_f32(x[i]) / temperature - l;
-    const float p = __expf(c);
-    const float g = p > 0.f ? p * (dl + dh * (c + h)) : 0.f;
-    float d = to_f32(dz[i]) - g * inv_t;
-    if ((unsigned)i == target) d += dl * inv_t;
-    store_f32(&dz[i], d);
+  for_each_unaligned(split, V, [&](int i) {
+    store_f32(&dz[i], logprob_grad(to_f32(x[i]), to_f32(dz[i]), inv_t, l, dl, dh, h,
+                                   (unsigned)i == target));
+  });
+  for (int j = threadIdx.x; j < vectors; j += blockDim.x) {
+    const long long i0 = split.head + (long long)j * L;
+    float z[L], d[L];
+    load16(x + i0, z);
+    load16((const T*)dz + i0, d);
+    for (int k = 0; k < L; ++k) {
+      d[k] = logprob_grad(z[k], d[k], inv_t, l, dl, dh, h, (unsigned long long)(i0 + k) == target);
+    }
+    store16(dz + i0, d);
   }
 }
 

@@ -79,8 +79,11 @@ extern "C" __global__ void layernorm_bwd_dx_f32(const float* dout, const float* 
   const float mu = mean[blockIdx.x];
   const float rs = rstd[blockIdx.x];
   float v[2] = {0.f, 0.f};
+  // w·dy is rounded on its own (__fmul_rn: never fused into an FMA) in both loops, so that
+  // w·dy - mean(w·dy) is exactly 0 where C = 1, as on the CPU; an FMA would leave the product's
+  // rounding error, times rstd = 1/sqrt(eps).
   for (int i = threadIdx.x; i < C; i += blockDim.x) {
-    const float dn = w[i] * dout[row + i];
+    const float dn = __fmul_rn(w[i], dout[row + i]);
     v[0] += dn;
     v[1] += dn * ((inp[row + i] - mu) * rs);
   }
@@ -89,7 +92,7 @@ extern "C" __global__ void layernorm_bwd_dx_f32(const float* dout, const float* 
   const float dnn = v[1] / (float)C;
   for (int i = threadIdx.x; i < C; i += blockDim.x) {
     const float norm = (inp[row + i] - mu) * rs;
-    dinp[row + i] += (w[i] * dout[row + i] - dn_mean - norm * dnn) * rs;
+    dinp[row + i] += (__fmul_rn(w[i], dout[row + i]) - dn_mean - norm * dnn) * rs;
   }
 }
 

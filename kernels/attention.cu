@@ -517,17 +517,17 @@ __device__ __forceinline__ const __nv_bfloat16* attn_nv(const rl_bf16* p) {
 }
 
 /// dst[16][BN] (f32, row stride ld) = A·Bᵀ on the tensor cores: A is 16 rows of HD in fragments,
-/// B is BN rows of HD in shared memory (rows HD apart), read as a col_major multiplicand.
+/// B is BN rows of HD in shared memory (rows ldb apart), read as a col_major multiplicand.
 /// Warp-collective; the stores are complete for the whole warp after a __syncwarp.
 template <int HD, int BN>
 __device__ __forceinline__ void attn_tc_abt(float* dst, int ld, const attn_frag_a (&a)[HD / ATTN_WM],
-                                            const rl_bf16* b) {
+                                            const rl_bf16* b, int ldb) {
   for (int n = 0; n < BN / ATTN_WM; ++n) {
     attn_frag_acc acc;
     wmma::fill_fragment(acc, 0.f);
     for (int c = 0; c < HD / ATTN_WM; ++c) {
-      attn_frag_b_col bt;  // Bᵀ: element (d, j) at b[j·HD + d]
-      wmma::load_matrix_sync(bt, attn_nv(b + n * ATTN_WM * HD + c * ATTN_WM), HD);
+      attn_frag_b_col bt;  // Bᵀ: element (d, j) at b[j·ldb + d]
+      wmma::load_matrix_sync(bt, attn_nv(b + n * ATTN_WM * ldb + c * ATTN_WM), ldb);
       wmma::mma_sync(acc, a[c], bt, acc);
     }
     wmma::store_matrix_sync(dst + n * ATTN_WM, acc, ld, wmma::mem_row_major);
@@ -582,73 +582,164 @@ __device__ __forceinline__ void attn_tc_add_rows(rl_bf16* g, long long stride, i
   __syncwarp();  // every lane has read the stage before it is reused
 }
 
-/// Copies `rows` rows of `hd` bf16 values (row r at src + r·stride) into `dst` (rows hd apart),
-/// zeroing rows `valid..rows`, as `load_tile` does for f32 tiles. Block-wide; the caller syncs.
-__device__ __forceinline__ void load_tile_bf16(rl_bf16* dst, const rl_bf16* src, long long stride,
-                                               int rows, int valid, int hd) {
-  rl_bf16 zero;
-  zero.bits = 0;
-  for (int e = threadIdx.x; e < rows * hd; e += blockDim.x) {
-    const int r = e / hd;
-    dst[e] = r < valid ? src[r * stride + e % hd] : zero;
+/// Copies `rows` rows of HD bf16 values (row r at src + r·stride) into `dst` (rows `ld` apart),
+/// zeroing rows `valid..rows`, as `load_tile` does for f32 tiles: 16 bytes per thread and step
+/// where both sides keep 16-byte alignment, else one value at a time. Block-wide; the caller
+/// syncs.
+template <int HD>
+__device__ __forceinline__ void load_tile_bf16(rl_bf16* dst, int ld, const rl_bf16* src,
+                                               long long stride, int rows, int valid) {
+  const unsigned long long align = (unsigned long long)src | (unsigned long long)dst |
+                                   (unsigned long long)(stride * 2) | (unsigned long long)(ld * 2);
+  if ((align & 15u) == 0) {
+    constexpr int per_row = HD / 8;
+    for (int e = threadIdx.x; e < rows * per_row; e += blockDim.x) {
+      const int r = e / per_row;
+      const int d = e % per_row * 8;
+      rl_vec16 v;
+      if (r < valid) {
+        v = *reinterpret_cast<const rl_vec16*>(src + r * stride + d);
+      } else {
+        for (int k = 0; k < 4; ++k) v.w[k] = 0u;
+      }
+      *reinterpret_cast<rl_vec16*>(dst + r * ld + d) = v;
+    }
+  } else {
+    rl_bf16 zero;
+    zero.bits = 0;
+    for (int e = threadIdx.x; e < rows * HD; e += blockDim.x) {
+      const int r = e / HD;
+      const int d = e % HD;
+      dst[r * ld + d] = r < valid ? src[r * stride + d] : zero;
+    }
   }
 }
 
-/// One warp's online-softmax step on its 16 x BK score tile `ss` (f32, as store_matrix_sync left
-/// it): two lanes per row, each with half the columns. Writes P = exp(s - m_new) as bf16 into
-/// `ps`, multiplies the lane's half of the row's O (in `os`, f32) by exp(m_old - m_new), and
-/// updates the running max `m` (the same in both lanes of a row) and this lane's partial sum `l`
-/// of the unrounded probabilities. `visible(j)`: whether tile column j is a key the row sees.
-template <int HD, int BK>
-__device__ __forceinline__ void attn_tc_softmax(const float* ss, rl_bf16* ps, float* os, int row,
-                                                int half, unsigned visible, float scale,
-                                                float& m, float& l) {
-  const int j_lo = half * (BK / 2);
+/// Threads of a tensor-core block.
+#define ATTN_TC_THREADS (ATTN_WARPS * RL_WARP)
+
+/// A tile of ROWS rows of HD bf16 on its way from global to shared memory, 16 bytes per thread
+/// and vector: the forward fetches the next K and V tiles into registers before it works on the
+/// current ones, so the loads' latency hides behind the products.
+template <int HD, int ROWS>
+struct AttnTileRegs {
+  static constexpr int kPerRow = HD / 8;
+  static constexpr int kVectors = ROWS * kPerRow / ATTN_TC_THREADS;
+  static_assert(ROWS * kPerRow % ATTN_TC_THREADS == 0, "the block's threads split the tile evenly");
+  rl_vec16 v[kVectors];
+};
+
+/// Rows [0, valid) of a tile from src (row r at src + r·stride), zeros past them; 16-byte loads
+/// where `aligned`, else two bf16 at a time.
+template <int HD, int ROWS>
+__device__ __forceinline__ void attn_tile_fetch(AttnTileRegs<HD, ROWS>& t, const rl_bf16* src,
+                                                long long stride, int valid, bool aligned) {
+  typedef AttnTileRegs<HD, ROWS> Tile;
+  for (int k = 0; k < Tile::kVectors; ++k) {
+    const int e = threadIdx.x + k * ATTN_TC_THREADS;
+    const int r = e / Tile::kPerRow;
+    const rl_bf16* p = src + r * stride + e % Tile::kPerRow * 8;
+    if (r >= valid) {
+      for (int q = 0; q < 4; ++q) t.v[k].w[q] = 0u;
+    } else if (aligned) {
+      t.v[k] = *reinterpret_cast<const rl_vec16*>(p);
+    } else {
+      for (int q = 0; q < 4; ++q) {
+        t.v[k].w[q] = (unsigned)p[2 * q].bits | ((unsigned)p[2 * q + 1].bits << 16);
+      }
+    }
+  }
+}
+
+/// Writes a fetched tile to `dst` (rows `ld` apart, 16-byte aligned).
+template <int HD, int ROWS>
+__device__ __forceinline__ void attn_tile_put(const AttnTileRegs<HD, ROWS>& t, rl_bf16* dst,
+                                              int ld) {
+  typedef AttnTileRegs<HD, ROWS> Tile;
+  for (int k = 0; k < Tile::kVectors; ++k) {
+    const int e = threadIdx.x + k * ATTN_TC_THREADS;
+    *reinterpret_cast<rl_vec16*>(dst + e / Tile::kPerRow * ld + e % Tile::kPerRow * 8) = t.v[k];
+  }
+}
+
+/// Bit j set where key j0 + j (j < N <= 32) is visible to query i: bits `bit..bit + N` of
+/// `keys` (a ballot of the tile's mask: the key exists and is not padding), and causality
+/// (j0 + j <= i).
+template <int N>
+__device__ __forceinline__ unsigned attn_visible_bits(unsigned keys, int bit, int j0, int i) {
+  const unsigned field = (keys >> bit) & (0xffffffffu >> (32 - N));
+  const int seen = i - j0 + 1;  // keys from j0 on that causality lets the query see
+  if (seen <= 0) return 0u;
+  return seen >= N ? field : field & ((1u << seen) - 1u);
+}
+
+/// One warp's online-softmax step on its 16 x BK score tile `ss` (f32, row stride `lds`, as
+/// store_matrix_sync left it): two lanes per row, each with half the columns. Writes
+/// P = exp(s - m_new) as bf16 over the tile (row stride `ldp` in bf16, from the tile's start,
+/// once the whole warp has read its scores) and the row's O rescale factor exp(m_old - m_new)
+/// into `alpha[row]`, and updates the running max `m` (the same in both lanes of a row) and this
+/// lane's partial sum `l` of the unrounded probabilities. `visible` bit j: whether the half's
+/// column j is a key the row sees. Warp-collective.
+template <int BK>
+__device__ __forceinline__ void attn_tc_softmax(float* ss, int lds, int ldp, float* alpha, int row,
+                                                int half, unsigned visible, float scale, float& m,
+                                                float& l) {
+  const float* srow = ss + row * lds + half * (BK / 2);
   float sc[BK / 2];
   float mx = -rl_inf();
   for (int j = 0; j < BK / 2; ++j) {
-    sc[j] = (visible >> j & 1u) ? ss[row * BK + j_lo + j] * scale : -rl_inf();
+    sc[j] = (visible >> j & 1u) ? srow[j] * scale : -rl_inf();
     mx = fmaxf(mx, sc[j]);
   }
   const float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(RL_FULL_MASK, mx, 1)));
   // While the row has seen no key there is nothing to add, and exp(-inf - -inf) would be NaN.
   const bool live = m_new != -rl_inf();
-  const float alpha = live ? __expf(m - m_new) : 1.f;  // 0 the first time, when m = -inf
+  const float a = live ? __expf(m - m_new) : 1.f;  // 0 the first time, when m = -inf
+  __syncwarp();  // every lane has read its scores before P overwrites them
+  rl_bf16* prow = reinterpret_cast<rl_bf16*>(ss) + row * ldp + half * (BK / 2);
   float sum = 0.f;
-  for (int j = 0; j < BK / 2; ++j) {
-    const float p = live ? __expf(sc[j] - m_new) : 0.f;  // 0 where masked
-    sum += p;
-    ps[row * BK + j_lo + j] = to_bf16(p);
+  for (int j = 0; j < BK / 2; j += 2) {
+    const float p0 = live ? __expf(sc[j] - m_new) : 0.f;  // 0 where masked
+    const float p1 = live ? __expf(sc[j + 1] - m_new) : 0.f;
+    sum += p0 + p1;
+    // Two bf16 to a 4-byte store (the half row starts at an even column).
+    *reinterpret_cast<unsigned*>(prow + j) =
+        (unsigned)to_bf16(p0).bits | ((unsigned)to_bf16(p1).bits << 16);
   }
-  l = l * alpha + sum;
+  l = l * a + sum;
   m = live ? m_new : m;
-  float* o = os + row * HD + half * (HD / 2);
-  for (int d = 0; d < HD / 2; ++d) o[d] *= alpha;
+  if (half == 0) alpha[row] = a;
 }
 
 /// The tensor-core forward: the contract of `attn_fwd` (see the file comment), bf16 only, HD a
 /// multiple of 16. A block takes ATTN_TC_BQ = 64 query rows of one (sequence, head), 16 per warp,
-/// and streams keys through shared memory in tiles of BK. Per tile and warp: S = Q·Kᵀ on the
-/// tensor cores (Q in fragments for the whole loop, K from shared memory as a col_major
-/// multiplicand), stored to shared memory; the online softmax on the stored tile
-/// (`attn_tc_softmax`, which also rescales the stored O rows); then O += P·V on the tensor cores,
-/// O loaded from and stored back to shared memory. Every element-wise step works on stored tiles,
-/// never on fragment elements, so nothing depends on the hardware's fragment layout. Shared
-/// memory (`attn_fwd_tc_smem` in plan.rs), per block: O [64][HD] f32 (which first stages the Q
-/// tile as bf16), S [64][BK] f32, K and V [BK][HD] bf16, P [64][BK] bf16: 46 KB at HD = 128,
-/// BK = 16, and 36 KB at HD = 64, BK = 32. Tiles and strides are multiples of 32 bytes, as
-/// wmma's loads and stores require.
+/// and streams keys through shared memory in tiles of BK, each fetched into registers while the
+/// tile before it is worked on (`AttnTileRegs`). Per tile and warp: S = Q·Kᵀ on the tensor cores
+/// (Q and K from shared memory, K as a col_major multiplicand), stored to shared memory; the
+/// online softmax on the stored tile (`attn_tc_softmax`, P written over S); then
+/// O = O·alpha + P·V, O in accumulator fragments for the whole loop. Scaling O by its row's alpha
+/// needs each fragment element's row, which CUDA leaves unspecified: the kernel reads it back
+/// once from a tile whose element (r, c) is r, loaded into an accumulator fragment (`rowid`), so
+/// no step depends on the hardware's fragment layout. Shared memory (`attn_fwd_tc_smem` in
+/// plan.rs), per block: K and V [BK][HD + 8] and Q [64][HD + 8] bf16, S (then P) [64][BK + 4]
+/// f32, alpha [64] f32: 43 KB at HD = 128, BK = 32, and 44 KB at HD = 64, BK = 64. The rows are
+/// padded so that the eight 16-byte rows a fragment load reads at once fall in different banks;
+/// tiles and strides stay multiples of 32 and 16 bytes, as wmma's loads and stores require.
 template <int HD, int BK>
 __device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
                                             const unsigned* __restrict__ key_mask, int T, int NH,
                                             int KVH, float scale, rl_bf16* __restrict__ out,
                                             float* __restrict__ lse) {
+  constexpr int LDKV = HD + 8;  // K, V and Q
+  constexpr int LDS = BK + 4;   // S, in f32
+  constexpr int LDP = BK + 8;   // P, in bf16, over S
+  constexpr int NC = HD / ATTN_WM;  // O's 16-column blocks
   RL_DYNAMIC_SHARED(float, smem);
-  float* os = smem;                                           // [ATTN_TC_BQ][HD]
-  float* ss = os + ATTN_TC_BQ * HD;                           // [ATTN_TC_BQ][BK]
-  rl_bf16* ks = reinterpret_cast<rl_bf16*>(ss + ATTN_TC_BQ * BK);  // [BK][HD]
-  rl_bf16* vs = ks + BK * HD;                                 // [BK][HD]
-  rl_bf16* ps = vs + BK * HD;                                 // [ATTN_TC_BQ][BK]
+  rl_bf16* ks = reinterpret_cast<rl_bf16*>(smem);        // [BK][LDKV]
+  rl_bf16* vs = ks + BK * LDKV;                           // [BK][LDKV]
+  rl_bf16* qs = vs + BK * LDKV;                           // [ATTN_TC_BQ][LDKV]
+  float* ss = reinterpret_cast<float*>(qs + ATTN_TC_BQ * LDKV);  // [ATTN_TC_BQ][LDS]
+  float* alpha = ss + ATTN_TC_BQ * LDS;                   // [ATTN_TC_BQ]
   const QueryTile qt = query_tile(ATTN_TC_BQ, T, NH, KVH);
   const int b = qt.b, h = qt.h, g = qt.g, i0 = qt.i0, rows = qt.rows;
   const int n_keys = i0 + rows;  // causality: no query of the tile sees a later key
@@ -659,18 +750,27 @@ __device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
   const int warp = threadIdx.x / RL_WARP;
   const int lane = threadIdx.x % RL_WARP;
   const int r0 = warp * ATTN_TC_ROWS;  // the warp's first row in the block
-  float* os_w = os + r0 * HD;
-  float* ss_w = ss + r0 * BK;
-  rl_bf16* ps_w = ps + r0 * BK;
+  const rl_bf16* qs_w = qs + r0 * LDKV;
+  float* ss_w = ss + r0 * LDS;
+  const rl_bf16* ps_w = reinterpret_cast<const rl_bf16*>(ss_w);
+  float* alpha_w = alpha + r0;
 
-  // Q through shared memory (the O area), zero-padded past the sequence, into fragments.
-  rl_bf16* qs = reinterpret_cast<rl_bf16*>(os);
-  load_tile_bf16(qs, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows, HD);
-  __syncthreads();
-  attn_frag_a q[HD / ATTN_WM];
-  attn_tc_load_a<HD>(q, qs + r0 * HD);
-  __syncthreads();  // every warp holds its q before O overwrites the staging area
-  for (int e = lane; e < ATTN_TC_ROWS * HD; e += RL_WARP) os_w[e] = 0.f;
+  // Q, zero-padded past the sequence, and the row ids through the warp's S area.
+  load_tile_bf16<HD>(qs, LDKV, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows);
+  for (int e = lane; e < ATTN_WM * ATTN_WM; e += RL_WARP) {
+    ss_w[e / ATTN_WM * LDS + e % ATTN_WM] = (float)(e / ATTN_WM);
+  }
+  const rl_bf16* k_src = seq + (NH + g) * HD;
+  const rl_bf16* v_src = seq + (NH + KVH + g) * HD;
+  const bool aligned = (((unsigned long long)seq | (unsigned long long)(w * 2)) & 15u) == 0;
+  AttnTileRegs<HD, BK> k_next, v_next;
+  attn_tile_fetch(k_next, k_src, w, n_keys, aligned);
+  attn_tile_fetch(v_next, v_src, w, n_keys, aligned);
+  __syncthreads();  // Q and the row ids written
+  attn_frag_acc rowid;
+  wmma::load_matrix_sync(rowid, ss_w, LDS, wmma::mem_row_major);
+  attn_frag_acc o[NC];
+  for (int c = 0; c < NC; ++c) wmma::fill_fragment(o[c], 0.f);
 
   const int row = lane / 2;  // the row this lane's softmax work is on, and its half of it
   const int half = lane % 2;
@@ -680,46 +780,78 @@ __device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
   float m = -rl_inf();
   float l = 0.f;
   for (int j0 = 0; j0 < n_keys; j0 += BK) {
-    load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0, HD);
-    load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0, HD);
-    __syncthreads();  // K and V (and, the first time, every warp's zeroed O) written
+    attn_tile_put(k_next, ks, LDKV);
+    attn_tile_put(v_next, vs, LDKV);
+    __syncthreads();  // K and V written (and, the first time, every warp holds its row ids)
+    if (j0 + BK < n_keys) {
+      attn_tile_fetch(k_next, k_src + (j0 + BK) * w, w, n_keys - j0 - BK, aligned);
+      attn_tile_fetch(v_next, v_src + (j0 + BK) * w, w, n_keys - j0 - BK, aligned);
+    }
     if (r0 < rows && j0 <= last) {  // uniform over the warp
-      attn_tc_abt<HD, BK>(ss_w, BK, q, ks);
-      unsigned visible = 0;  // bit j: column half·BK/2 + j is a key this lane's row sees
-      for (int jj = 0; jj < BK / 2; ++jj) {
-        const int j = j0 + half * (BK / 2) + jj;
-        const bool v = r0 + row < rows && j <= i && j < n_keys && mask[j] != 0u;
-        visible |= (unsigned)v << jj;
+      attn_frag_acc sacc[BK / ATTN_WM];
+      for (int n = 0; n < BK / ATTN_WM; ++n) wmma::fill_fragment(sacc[n], 0.f);
+      for (int c = 0; c < NC; ++c) {
+        attn_frag_a qf;
+        wmma::load_matrix_sync(qf, attn_nv(qs_w + c * ATTN_WM), LDKV);
+        for (int n = 0; n < BK / ATTN_WM; ++n) {
+          attn_frag_b_col kt;  // Kᵀ: element (d, j) at ks[j·LDKV + d]
+          wmma::load_matrix_sync(kt, attn_nv(ks + n * ATTN_WM * LDKV + c * ATTN_WM), LDKV);
+          wmma::mma_sync(sacc[n], qf, kt, sacc[n]);
+        }
       }
+      for (int n = 0; n < BK / ATTN_WM; ++n) {
+        wmma::store_matrix_sync(ss_w + n * ATTN_WM, sacc[n], LDS, wmma::mem_row_major);
+      }
+      // Bit c of keys[c / 32]: tile column c is a key of the sequence that is not padding.
+      unsigned keys[(BK + RL_WARP - 1) / RL_WARP];
+      for (int k = 0; k * RL_WARP < BK; ++k) {
+        const int j = j0 + k * RL_WARP + lane;
+        keys[k] = __ballot_sync(RL_FULL_MASK, j < n_keys && mask[j] != 0u);
+      }
+      // This lane's half row: columns half·BK/2 on, within one ballot word.
+      const int c0 = half * (BK / 2);
+      const unsigned visible =
+          r0 + row < rows
+              ? attn_visible_bits<BK / 2>(keys[c0 / RL_WARP], c0 % RL_WARP, j0 + c0, i)
+              : 0u;
       __syncwarp();  // the whole S tile is stored
-      attn_tc_softmax<HD, BK>(ss_w, ps_w, os_w, row, half, visible, scale, m, l);
-      __syncwarp();  // P and the rescaled O rows are written
+      attn_tc_softmax<BK>(ss_w, LDS, LDP, alpha_w, row, half, visible, scale, m, l);
+      __syncwarp();  // P and alpha are written
+      for (int e = 0; e < rowid.num_elements; ++e) {
+        const float a = alpha_w[(int)rowid.x[e]];
+        for (int c = 0; c < NC; ++c) o[c].x[e] *= a;
+      }
       attn_frag_a p[BK / ATTN_WM];
       for (int n = 0; n < BK / ATTN_WM; ++n) {
-        wmma::load_matrix_sync(p[n], attn_nv(ps_w + n * ATTN_WM), BK);
+        wmma::load_matrix_sync(p[n], attn_nv(ps_w + n * ATTN_WM), LDP);
       }
-      for (int c = 0; c < HD / ATTN_WM; ++c) {
-        attn_frag_acc o;
-        wmma::load_matrix_sync(o, os_w + c * ATTN_WM, HD, wmma::mem_row_major);
+      for (int c = 0; c < NC; ++c) {
         for (int n = 0; n < BK / ATTN_WM; ++n) {
-          attn_frag_b_row v;  // element (j, d) at vs[j·HD + d]
-          wmma::load_matrix_sync(v, attn_nv(vs + n * ATTN_WM * HD + c * ATTN_WM), HD);
-          wmma::mma_sync(o, p[n], v, o);
+          attn_frag_b_row v;  // element (j, d) at vs[j·LDKV + d]
+          wmma::load_matrix_sync(v, attn_nv(vs + n * ATTN_WM * LDKV + c * ATTN_WM), LDKV);
+          wmma::mma_sync(o[c], p[n], v, o[c]);
         }
-        wmma::store_matrix_sync(os_w + c * ATTN_WM, o, HD, wmma::mem_row_major);
       }
+      __syncwarp();  // every lane has loaded P before the next tile's S overwrites it
     }
-    __syncthreads();  // every warp is done with K and V (and its O stores are visible)
+    __syncthreads();  // every warp is done with K and V
   }
 
+  // O / Σ out, one 16-column block at a time through the warp's S area.
   const float sum = l + __shfl_xor_sync(RL_FULL_MASK, l, 1);
-  if (r0 + row >= rows) return;  // no barrier or shuffle follows
-  rl_bf16* o = out + ((long long)b * T + i) * ow + h * HD;
-  const float* acc = os_w + row * HD;
-  for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); ++d) {
-    store_f32(&o[d], sum > 0.f ? acc[d] / sum : 0.f);
+  const bool valid = r0 + row < rows;
+  rl_bf16* o_row = out + ((long long)b * T + i) * ow + h * HD;
+  for (int c = 0; c < NC; ++c) {
+    wmma::store_matrix_sync(ss_w, o[c], LDS, wmma::mem_row_major);
+    __syncwarp();  // the whole block is stored
+    if (valid) {
+      for (int d = half * (ATTN_WM / 2); d < (half + 1) * (ATTN_WM / 2); ++d) {
+        store_f32(&o_row[c * ATTN_WM + d], sum > 0.f ? ss_w[row * LDS + d] / sum : 0.f);
+      }
+    }
+    __syncwarp();  // every lane has read it before the next block overwrites it
   }
-  if (half == 0) {
+  if (valid && half == 0) {
     lse[((long long)b * NH + h) * T + i] = sum > 0.f ? m + logf(sum) : attn_lse_no_key();
   }
 }
@@ -780,8 +912,8 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
   const float lse_r = row_in ? lse[stats + i] : 0.f;
   const float d_r = row_in ? D[stats + i] : 0.f;
 
-  load_tile_bf16(qs, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows, HD);
-  load_tile_bf16(dos, dout + ((long long)b * T + i0) * ow + h * HD, ow, ATTN_TC_BQ, rows, HD);
+  load_tile_bf16<HD>(qs, HD, seq + i0 * w + h * HD, w, ATTN_TC_BQ, rows);
+  load_tile_bf16<HD>(dos, HD, dout + ((long long)b * T + i0) * ow + h * HD, ow, ATTN_TC_BQ, rows);
   __syncthreads();
   attn_frag_a q[HD / ATTN_WM], dof[HD / ATTN_WM];
   attn_tc_load_a<HD>(q, qs + r0 * HD);
@@ -791,12 +923,12 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
   for (int c = 0; c < HD / ATTN_WM; ++c) wmma::fill_fragment(dq[c], 0.f);
   const int last = i0 + attn_min(r0 + ATTN_TC_ROWS, rows) - 1;  // the warp's last row
   for (int j0 = 0; j0 < n_keys; j0 += BK) {
-    load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0, HD);
-    load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0, HD);
+    load_tile_bf16<HD>(ks, HD, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0);
+    load_tile_bf16<HD>(vs, HD, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0);
     __syncthreads();  // K and V written
     if (r0 < rows && j0 <= last) {  // uniform over the warp
-      attn_tc_abt<HD, BK>(ss + r0 * BK, BK, q, ks);
-      attn_tc_abt<HD, BK>(dps + r0 * BK, BK, dof, vs);
+      attn_tc_abt<HD, BK>(ss + r0 * BK, BK, q, ks, HD);
+      attn_tc_abt<HD, BK>(dps + r0 * BK, BK, dof, vs, HD);
       unsigned visible = 0;
       for (int jj = 0; jj < BK / 2; ++jj) {
         const int j = j0 + half * (BK / 2) + jj;
@@ -861,8 +993,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
   float* sb = sbuf + r0 * BQ;
   rl_bf16* pb = pbuf + r0 * BQ;
 
-  load_tile_bf16(ks, seq + j0 * w + (NH + g) * HD, w, ATTN_TC_BQ, keys, HD);
-  load_tile_bf16(vs, seq + j0 * w + (NH + KVH + g) * HD, w, ATTN_TC_BQ, keys, HD);
+  load_tile_bf16<HD>(ks, HD, seq + j0 * w + (NH + g) * HD, w, ATTN_TC_BQ, keys);
+  load_tile_bf16<HD>(vs, HD, seq + j0 * w + (NH + KVH + g) * HD, w, ATTN_TC_BQ, keys);
   attn_frag_acc dk[HD / ATTN_WM], dv[HD / ATTN_WM];
   for (int c = 0; c < HD / ATTN_WM; ++c) {
     wmma::fill_fragment(dk[c], 0.f);
@@ -873,8 +1005,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
     const long long stats = ((long long)b * NH + h) * T;
     for (int i0 = j0; i0 < T; i0 += BQ) {  // causality: queries before j0 see no key
       const int rows = attn_min(BQ, T - i0);
-      load_tile_bf16(qs, seq + i0 * w + h * HD, w, BQ, rows, HD);
-      load_tile_bf16(dos, dout + ((long long)b * T + i0) * ow + h * HD, ow, BQ, rows, HD);
+      load_tile_bf16<HD>(qs, HD, seq + i0 * w + h * HD, w, BQ, rows);
+      load_tile_bf16<HD>(dos, HD, dout + ((long long)b * T + i0) * ow + h * HD, ow, BQ, rows);
       __syncthreads();  // q and dO (and, the first time, K and V) written
       // Uniform over the warp: its keys exist and the tile's last query sees its first key.
       if (r0 < keys && i0 + rows - 1 >= j0 + r0) {
@@ -889,7 +1021,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
         }
         attn_frag_a a[HD / ATTN_WM];
         attn_tc_load_a<HD>(a, ks + r0 * HD);
-        attn_tc_abt<HD, BQ>(sb, BQ, a, qs);  // Sᵀ
+        attn_tc_abt<HD, BQ>(sb, BQ, a, qs, HD);  // Sᵀ
         __syncwarp();  // Sᵀ is stored
         for (int jj = 0; jj < BQ / 2; ++jj) {
           const int col = half * (BQ / 2) + jj;
@@ -900,7 +1032,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
         __syncwarp();  // Pᵀ is written, and every lane has read Sᵀ
         attn_tc_accumulate<HD, BQ>(dv, pb, dos);
         attn_tc_load_a<HD>(a, vs + r0 * HD);
-        attn_tc_abt<HD, BQ>(sb, BQ, a, dos);  // dPᵀ, over Sᵀ
+        attn_tc_abt<HD, BQ>(sb, BQ, a, dos, HD);  // dPᵀ, over Sᵀ
         __syncwarp();  // dPᵀ is stored, and every lane has read Pᵀ into its fragments
         for (int jj = 0; jj < BQ / 2; ++jj) {
           const int col = half * (BQ / 2) + jj;
@@ -987,12 +1119,12 @@ extern "C" __global__ void attn_bwd_dkdv_bf16(const rl_bf16* qkv, const rl_bf16*
 extern "C" __global__ void attn_fwd_tc_bf16(const rl_bf16* qkv, const unsigned* key_mask, int T,
                                             int NH, int KVH, int HD, float scale, rl_bf16* out,
                                             float* lse) {
-  // The host (plan::attn_fwd_tc) launches it for these head dims only; BK keeps the shared
-  // memory within 48 KB at HD = 128.
+  // The host (plan::attn_fwd_tc) launches it for these head dims only, with the shared memory
+  // of these key tiles (plan::attn_fwd_tc_bk).
   if (HD == 64) {
-    attn_fwd_tc<64, 32>(qkv, key_mask, T, NH, KVH, scale, out, lse);
+    attn_fwd_tc<64, 64>(qkv, key_mask, T, NH, KVH, scale, out, lse);
   } else if (HD == 128) {
-    attn_fwd_tc<128, 16>(qkv, key_mask, T, NH, KVH, scale, out, lse);
+    attn_fwd_tc<128, 32>(qkv, key_mask, T, NH, KVH, scale, out, lse);
   }
 }
 
@@ -1000,7 +1132,7 @@ extern "C" __global__ void attn_bwd_dq_tc_bf16(const rl_bf16* qkv, const rl_bf16
                                                const float* lse, const float* D,
                                                const unsigned* key_mask, int T, int NH, int KVH,
                                                int HD, float scale, rl_bf16* dqkv) {
-  // For these head dims only (plan::attn_bwd_dq_tc), with key tiles as in attn_fwd_tc_bf16.
+  // For these head dims only (plan::attn_bwd_dq_tc), with the key tiles of plan::attn_tc_bk.
   if (HD == 64) {
     attn_bwd_dq_tc<64, 32>(qkv, dout, lse, D, key_mask, T, NH, KVH, scale, dqkv);
   } else if (HD == 128) {

@@ -908,9 +908,9 @@ fn attn_dkdv_smem(hd: usize) -> usize {
     2 * (ATTN_BKV + ATTN_BQ_BWD) * hd + 2 * ATTN_BKV * ATTN_BQ_BWD
 }
 
-/// Keys per tile of `attn_fwd_tc_bf16` and `attn_bwd_dq_tc_bf16`, and queries per tile of
-/// `attn_bwd_dkdv_tc_bf16`, at head dim `hd` (their template argument BK or BQ): 32 at 64, 16 at
-/// 128, where 32 would not fit the shared memory in 48 KB.
+/// Keys per tile of `attn_bwd_dq_tc_bf16`, and queries per tile of `attn_bwd_dkdv_tc_bf16`, at
+/// head dim `hd` (their template argument BK or BQ): 32 at 64, 16 at 128, where 32 would not fit
+/// the shared memory in 48 KB.
 fn attn_tc_bk(hd: usize) -> usize {
     if hd == 64 {
         32
@@ -919,12 +919,22 @@ fn attn_tc_bk(hd: usize) -> usize {
     }
 }
 
-/// f32 values of dynamic shared memory of `attn_fwd_tc_bf16`: O [ATTN_TC_BQ][HD] and S
-/// [ATTN_TC_BQ][BK] f32; K and V [BK][HD] and P [ATTN_TC_BQ][BK] bf16, two to an f32. 46 KB at
-/// HD = 128.
+/// Keys per tile of `attn_fwd_tc_bf16` at head dim `hd` (its template argument BK): 64 at 64,
+/// 32 at 128, the most that keep its shared memory within 48 KB.
+fn attn_fwd_tc_bk(hd: usize) -> usize {
+    if hd == 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// f32 values of dynamic shared memory of `attn_fwd_tc_bf16`: K and V [BK][HD + 8] and Q
+/// [ATTN_TC_BQ][HD + 8] bf16, two to an f32; S (then P) [ATTN_TC_BQ][BK + 4] and alpha
+/// [ATTN_TC_BQ] f32 (the rows padded against bank conflicts). 43 KB at HD = 128, 44 KB at 64.
 fn attn_fwd_tc_smem(hd: usize) -> usize {
-    let bk = attn_tc_bk(hd);
-    ATTN_TC_BQ * (hd + bk) + (2 * bk * hd + ATTN_TC_BQ * bk) / 2
+    let bk = attn_fwd_tc_bk(hd);
+    (2 * bk + ATTN_TC_BQ) * (hd + 8) / 2 + ATTN_TC_BQ * (bk + 4) + ATTN_TC_BQ
 }
 
 /// f32 values of dynamic shared memory of `attn_bwd_dq_tc_bf16`: a union of [ATTN_TC_BQ][HD] f32

@@ -1,5 +1,7 @@
-"""TRL baseline for `rlhf bench grpo`: `GRPOTrainer` iterations on the CPU (2 threads, fp32) on
-the HF model directory --model-dir (the engine's random weights, config and tokenizer).
+"""TRL baseline for `rlhf bench grpo`: `GRPOTrainer` iterations on the HF model directory
+--model-dir (the engine's random weights, config and tokenizer), on the CPU (2 threads, fp32) or
+with --device cuda on GPU 0 (f32 weights, bf16 autocast: the engine's precision there, f32 master
+weights and bf16 matrix products).
 
 One iteration = rollout (generate), reward, reference pass (when beta > 0), one optimizer step:
 TRL does all of it inside one trainer step, with steps_per_generation = 1.
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
 
     import tempfile
@@ -70,7 +73,8 @@ def main():
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=a.prompts * a.generations,
             num_generations=a.generations, max_completion_length=a.max_new_tokens,
-            beta=a.beta, bf16=False, use_cpu=True, report_to=[], logging_steps=1000,
+            beta=a.beta, bf16=a.device == "cuda", use_cpu=a.device == "cpu", report_to=[],
+            logging_steps=1000,
             save_strategy="no", max_steps=a.iterations + 1, learning_rate=1e-5,
             dataloader_num_workers=0, disable_tqdm=True,
             # Every completion runs to the token budget, as on the engine's side.

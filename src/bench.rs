@@ -436,8 +436,9 @@ pub struct GrpoBenchArgs {
     /// Internal: run one engine case in this directory and print its figures as JSON.
     #[arg(long, hide = true)]
     pub engine_case: Option<PathBuf>,
-    /// Where the engine runs (`rlhf grpo --device`). TRL runs PyTorch on the CPU, so it is
-    /// compared only with `cpu`.
+    /// Where the engine runs (`rlhf grpo --device`). TRL runs on the same device for `cpu` and
+    /// `cuda` (there: f32 weights with bf16 autocast, the engine's precision), and is not
+    /// compared with `emu` or `auto`.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
 }
@@ -590,11 +591,17 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "GRPO iteration: {} prompts x {} generations, up to {} new tokens; rollout, reward, reference pass, one optimizer step",
         args.prompts, args.generations, args.max_new_tokens
     );
-    if args.device != DeviceChoice::Cpu {
-        println!(
-            "engine on --device {}; TRL (PyTorch on the CPU) not compared",
+    let trl_device = match args.device {
+        DeviceChoice::Cpu | DeviceChoice::Cuda if !args.no_trl => Some(device_name(args.device)),
+        _ => None,
+    };
+    match &trl_device {
+        Some(d) if d != "cpu" => println!("engine and TRL on --device {d}"),
+        Some(_) => {}
+        None => println!(
+            "engine on --device {}; TRL not compared",
             device_name(args.device)
-        );
+        ),
     }
     println!(
         "{:<12} {:>5} {:>11} {:>11} {:>7} {:>13} {:>12} {:>26} {:>10} {:>10}",
@@ -659,13 +666,14 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
                 .map(|p| format!("{:.0}", 100.0 * p / ours))
                 .collect::<Vec<_>>()
                 .join("/");
-            let trl = if args.no_trl || args.device != DeviceChoice::Cpu {
-                None
-            } else {
-                Some(run_python(
+            let trl = match &trl_device {
+                None => None,
+                Some(device) => Some(run_python(
                     &args.python,
                     "trl_grpo.py",
                     &[
+                        "--device".into(),
+                        device.clone(),
                         "--model-dir".into(),
                         model_dir.display().to_string(),
                         "--prompts".into(),
@@ -679,7 +687,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
                         "--iterations".into(),
                         args.iterations.to_string(),
                     ],
-                )?)
+                )?),
             };
             let (t_it, ratio, t_mem) = match &trl {
                 Some(v) => {

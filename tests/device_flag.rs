@@ -138,7 +138,7 @@ fn grpo_benchmark_runs_on_the_emulator() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("TRL (PyTorch on the CPU) not compared"),
+        text.contains("engine on --device emu; TRL not compared"),
         "{text}"
     );
     let row = text

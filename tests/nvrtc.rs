@@ -4,9 +4,10 @@
 //!
 //! NVRTC is loaded at run time by the CUDA backend's loader (`rlhf::backend::cuda::nvrtc`): from
 //! the path in `RLHF_NVRTC` if set (CI installs the `nvidia-cuda-nvrtc-cu12` wheel and points it
-//! at `libnvrtc.so.12`), else `libnvrtc.so.12` or `libnvrtc.so` from the library path. If
-//! `RLHF_NVRTC` is set, failing to load it fails the test; if it is not set and no library is
-//! found, the test says SKIPPED (on stderr, which the test harness does not capture) and passes.
+//! at `libnvrtc.so.12`), else `libnvrtc.so.12`, `libnvrtc.so.13` or `libnvrtc.so` from the
+//! library path. If `RLHF_NVRTC` is set, failing to load it fails the test; if it is not set and
+//! no library is found, the test says SKIPPED (on stderr, which the test harness does not
+//! capture) and passes.
 //! A compile that fails, or that warns, fails the test with NVRTC's log.
 //!
 //! With `RLHF_PTX_OUT=dir` the PTX is written to `dir/<file>.<arch>.ptx` (`scripts/ptxas_report.sh`

@@ -4,8 +4,8 @@
 //! without a GPU.
 //!
 //! Which library: the path in `RLHF_NVRTC` if set (CI installs the `nvidia-cuda-nvrtc-cu12`
-//! wheel and points it at `libnvrtc.so.12`), else `libnvrtc.so.12` or `libnvrtc.so` from the
-//! library path. It is loaded once per process and never unloaded.
+//! wheel and points it at `libnvrtc.so.12`), else `libnvrtc.so.12`, `libnvrtc.so.13` (CUDA 13
+//! toolkits) or `libnvrtc.so` from the library path. It is loaded once per process and never unloaded.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
@@ -137,7 +137,9 @@ impl Nvrtc {
         let explicit = std::env::var("RLHF_NVRTC").ok();
         let names = match &explicit {
             Some(path) => vec![path.clone()],
-            None => vec!["libnvrtc.so.12".to_string(), "libnvrtc.so".to_string()],
+            None => ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"]
+                .map(String::from)
+                .to_vec(),
         };
         let (handle, name) = dlopen_any(&names).map_err(|e| match explicit {
             Some(_) => NvrtcError::BadPath(e),

@@ -7,7 +7,7 @@ use crate::backend::cuda::{Cuda, DeviceChoice, Selected};
 use crate::backend::emu::ops;
 use crate::backend::emu::plan::{AttnDtype, AttnFwdPtrs, AttnKernel};
 use crate::backend::emu::Emu;
-use crate::backend::{AttnShape, Backend, ModelOps};
+use crate::backend::{AttnShape, ModelOps};
 use crate::model::{random_params, Batch, Config, Layout, Model, Pad};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rng::Rng;
@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// Skip the PyTorch side (no Python needed).
     #[arg(long)]
     pub no_torch: bool,
+    /// Where both sides run: `cpu` (PyTorch with 2 threads) or `cuda` (GPU 0; PyTorch with f32
+    /// weights and bf16 autocast, the engine's precision there: bf16 products, f32 the rest).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 /// Peak resident memory of this process, in MiB (getrusage).
@@ -113,21 +117,23 @@ struct Side {
     peak_rss_mb: f64,
 }
 
-fn engine_round(
-    model: &mut Model<Cpu>,
-    opt: &mut Optimizer<Cpu>,
+fn engine_round<B: ModelOps>(
+    be: &B,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
     batch: &Batch,
     weights: &[f32],
     steps: usize,
 ) -> Result<f64> {
-    let be = Cpu;
     let mut grads = be.zeros(model.layout.total);
     let t0 = Instant::now();
     for _ in 0..steps {
         be.fill(be.all_mut(&mut grads), 0.0);
-        nll_loss_and_grad(&be, model, batch, weights, &mut grads)?;
-        opt.update(&be, &model.layout, &mut model.params, &mut grads, 1e-4);
+        nll_loss_and_grad(be, model, batch, weights, &mut grads)?;
+        opt.update(be, &model.layout, &mut model.params, &mut grads, 1e-4);
     }
+    // On a GPU the last update may still be running: reading a weight back waits for it.
+    be.download(be.view(&model.params, 0..1));
     Ok((batch.n() * steps) as f64 / t0.elapsed().as_secs_f64())
 }
 
@@ -154,6 +160,8 @@ fn torch_round(args: &TrainArgs, config_dir: &std::path::Path) -> Result<Side> {
         &args.python,
         "torch_baseline.py",
         &[
+            "--device".into(),
+            device_name(args.device),
             "--config-dir".into(),
             config_dir.display().to_string(),
             "--batch".into(),
@@ -172,11 +180,21 @@ fn torch_round(args: &TrainArgs, config_dir: &std::path::Path) -> Result<Side> {
 
 /// Runs `rlhf bench train`.
 pub fn train(args: &TrainArgs) -> Result<()> {
-    let peak = sgemm_gflops(1024, 5);
-    println!(
-        "sgemm (gemm crate, 1024³, {} threads): {peak:.1} GFLOP/s",
-        rayon::current_num_threads()
+    anyhow::ensure!(
+        matches!(args.device, DeviceChoice::Cpu | DeviceChoice::Cuda),
+        "rlhf bench train: --device cpu or cuda (where PyTorch runs too)"
     );
+    crate::with_backend!(args.device, |be| train_on(be, args))
+}
+
+fn train_on<B: ModelOps>(be: &B, args: &TrainArgs) -> Result<()> {
+    if args.device == DeviceChoice::Cpu {
+        let peak = sgemm_gflops(1024, 5);
+        println!(
+            "sgemm (gemm crate, 1024³, {} threads): {peak:.1} GFLOP/s",
+            rayon::current_num_threads()
+        );
+    }
     println!(
         "{:<12} {:>14} {:>14} {:>7} {:>10} {:>12} {:>12}",
         "config", "engine tok/s", "torch tok/s", "ratio", "GFLOP/s", "engine MiB", "torch MiB"
@@ -184,9 +202,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     for name in &args.configs {
         let cfg = Config::builtin(name, 512)?;
         let layout = Layout::new(&cfg);
-        let be = Cpu;
-        let mut model = Model::new(&be, cfg.clone(), &random_params(&layout, 0.02, 0))?;
-        let mut opt = Optimizer::new(&be, OptimConfig::default(), layout.total);
+        let mut model = Model::new(be, cfg.clone(), &random_params(&layout, 0.02, 0))?;
+        let mut opt = Optimizer::new(be, OptimConfig::default(), layout.total);
         let mut rng = Rng::new(1);
         let rows: Vec<Vec<u32>> = (0..args.batch)
             .map(|_| {
@@ -208,11 +225,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             dir.join("config.json"),
             serde_json::to_string_pretty(&cfg.to_json())?,
         )?;
-        engine_round(&mut model, &mut opt, &batch, &weights, 1)?; // warm-up
+        engine_round(be, &mut model, &mut opt, &batch, &weights, 1)?; // warm-up
         let (mut ours, mut theirs): (f64, Option<Side>) = (0.0, None);
         for _ in 0..args.rounds {
             ours = ours.max(engine_round(
-                &mut model, &mut opt, &batch, &weights, args.steps,
+                be, &mut model, &mut opt, &batch, &weights, args.steps,
             )?);
             if !args.no_torch {
                 let s = torch_round(args, &dir)?;

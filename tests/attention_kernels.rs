@@ -653,7 +653,7 @@ fn tensor_core_kernels_agree_on_aligned_and_misaligned_inputs() {
         // One buffer, the values copied to an aligned start and to the element after it.
         let mut buf = vec![bf16::ZERO; n + 16];
         let aligned = (0..8)
-            .find(|&o| (buf[o..].as_ptr() as usize) % 16 == 0)
+            .find(|&o| (buf[o..].as_ptr() as usize).is_multiple_of(16))
             .expect("a 16-byte boundary within 8 bf16");
         let run = |buf: &mut Vec<bf16>, at: usize| {
             buf[at..at + n].copy_from_slice(&qkv);

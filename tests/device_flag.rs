@@ -148,3 +148,16 @@ fn grpo_benchmark_runs_on_the_emulator() {
     let secs: f64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(secs > 0.0, "{row}");
 }
+
+/// `rlhf bench train` runs both sides on one device, so it takes only devices PyTorch has too.
+#[test]
+fn train_benchmark_refuses_the_emulator() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(["bench", "train", "--device", "emu", "--no-torch"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--device cpu or cuda"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -583,36 +583,40 @@ __device__ __forceinline__ void attn_tc_add_rows(rl_bf16* g, long long stride, i
   __syncwarp();  // every lane has read the stage before it is reused
 }
 
-/// Copies `rows` rows of HD bf16 values (row r at src + r·stride) into `dst` (rows `ld` apart),
-/// zeroing rows `valid..rows`, as `load_tile` does for f32 tiles: 16 bytes per thread and step
-/// where both sides keep 16-byte alignment, else one value at a time. Block-wide; the caller
-/// syncs.
+/// 8 bf16 values from `p` as 16 bytes: one load where `p` is 16-byte aligned (`aligned`), else
+/// two values at a time; zeros where `!exists` (a row past the sequence).
+__device__ __forceinline__ rl_vec16 attn_load8(const rl_bf16* p, bool aligned, bool exists) {
+  rl_vec16 v;
+  if (!exists) {
+    for (int q = 0; q < 4; ++q) v.w[q] = 0u;
+  } else if (aligned) {
+    v = *reinterpret_cast<const rl_vec16*>(p);
+  } else {
+    for (int q = 0; q < 4; ++q) {
+      v.w[q] = (unsigned)p[2 * q].bits | ((unsigned)p[2 * q + 1].bits << 16);
+    }
+  }
+  return v;
+}
+
+/// Whether rows of bf16 starting at `src`, `stride` values apart, can be read 16 bytes at a time.
+__device__ __forceinline__ bool attn_rows_aligned(const rl_bf16* src, long long stride) {
+  return (((unsigned long long)src | (unsigned long long)(stride * 2)) & 15u) == 0;
+}
+
+/// Copies `rows` rows of HD bf16 values (row r at src + r·stride) into `dst` (rows `ld` apart,
+/// 16-byte aligned), zeroing rows `valid..rows`, as `load_tile` does for f32 tiles: 16 bytes per
+/// thread and step. Block-wide; the caller syncs.
 template <int HD>
 __device__ __forceinline__ void load_tile_bf16(rl_bf16* dst, int ld, const rl_bf16* src,
                                                long long stride, int rows, int valid) {
-  const unsigned long long align = (unsigned long long)src | (unsigned long long)dst |
-                                   (unsigned long long)(stride * 2) | (unsigned long long)(ld * 2);
-  if ((align & 15u) == 0) {
-    constexpr int per_row = HD / 8;
-    for (int e = threadIdx.x; e < rows * per_row; e += blockDim.x) {
-      const int r = e / per_row;
-      const int d = e % per_row * 8;
-      rl_vec16 v;
-      if (r < valid) {
-        v = *reinterpret_cast<const rl_vec16*>(src + r * stride + d);
-      } else {
-        for (int k = 0; k < 4; ++k) v.w[k] = 0u;
-      }
-      *reinterpret_cast<rl_vec16*>(dst + r * ld + d) = v;
-    }
-  } else {
-    rl_bf16 zero;
-    zero.bits = 0;
-    for (int e = threadIdx.x; e < rows * HD; e += blockDim.x) {
-      const int r = e / HD;
-      const int d = e % HD;
-      dst[r * ld + d] = r < valid ? src[r * stride + d] : zero;
-    }
+  constexpr int per_row = HD / 8;
+  const bool aligned = attn_rows_aligned(src, stride);
+  for (int e = threadIdx.x; e < rows * per_row; e += blockDim.x) {
+    const int r = e / per_row;
+    const int d = e % per_row * 8;
+    *reinterpret_cast<rl_vec16*>(dst + r * ld + d) =
+        attn_load8(src + r * stride + d, aligned, r < valid);
   }
 }
 
@@ -630,8 +634,8 @@ struct AttnTileRegs {
   rl_vec16 v[kVectors];
 };
 
-/// Rows [0, valid) of a tile from src (row r at src + r·stride), zeros past them; 16-byte loads
-/// where `aligned`, else two bf16 at a time.
+/// Rows [0, valid) of a tile from src (row r at src + r·stride), zeros past them, through
+/// [`attn_load8`].
 template <int HD, int ROWS>
 __device__ __forceinline__ void attn_tile_fetch(AttnTileRegs<HD, ROWS>& t, const rl_bf16* src,
                                                 long long stride, int valid, bool aligned) {
@@ -639,16 +643,7 @@ __device__ __forceinline__ void attn_tile_fetch(AttnTileRegs<HD, ROWS>& t, const
   for (int k = 0; k < Tile::kVectors; ++k) {
     const int e = threadIdx.x + k * ATTN_TC_THREADS;
     const int r = e / Tile::kPerRow;
-    const rl_bf16* p = src + r * stride + e % Tile::kPerRow * 8;
-    if (r >= valid) {
-      for (int q = 0; q < 4; ++q) t.v[k].w[q] = 0u;
-    } else if (aligned) {
-      t.v[k] = *reinterpret_cast<const rl_vec16*>(p);
-    } else {
-      for (int q = 0; q < 4; ++q) {
-        t.v[k].w[q] = (unsigned)p[2 * q].bits | ((unsigned)p[2 * q + 1].bits << 16);
-      }
-    }
+    t.v[k] = attn_load8(src + r * stride + e % Tile::kPerRow * 8, aligned, r < valid);
   }
 }
 
@@ -763,7 +758,7 @@ __device__ __forceinline__ void attn_fwd_tc(const rl_bf16* __restrict__ qkv,
   }
   const rl_bf16* k_src = seq + (NH + g) * HD;
   const rl_bf16* v_src = seq + (NH + KVH + g) * HD;
-  const bool aligned = (((unsigned long long)seq | (unsigned long long)(w * 2)) & 15u) == 0;
+  const bool aligned = attn_rows_aligned(seq, w);
   AttnTileRegs<HD, BK> k_next, v_next;
   attn_tile_fetch(k_next, k_src, w, n_keys, aligned);
   attn_tile_fetch(v_next, v_src, w, n_keys, aligned);
@@ -954,8 +949,9 @@ __device__ __forceinline__ void attn_bwd_dq_tc(const rl_bf16* __restrict__ qkv,
 /// HD 64 or 128. A block takes ATTN_TC_BQ = 64 keys of one (sequence, key/value head), 16 per
 /// warp, keeps their K and V in shared memory and their dK and dV in fragments, and walks, for
 /// each query head of the group in order, the query tiles of BQ from its first key on. Per tile
-/// and warp (keys as rows, queries as columns): Sᵀ = K·Qᵀ, stored; Pᵀ from it, as bf16; dV +=
-/// Pᵀ·dO; dPᵀ = V·dOᵀ, stored over Sᵀ; dSᵀ = Pᵀ ∘ (dPᵀ - D), as bf16 over Pᵀ; dK += dSᵀ·Q.
+/// and warp (keys as rows, queries as columns): Sᵀ = K·Qᵀ, stored; Pᵀ from it, as bf16;
+/// dV += Pᵀ·dO; dPᵀ = V·dOᵀ, stored over Sᵀ; dSᵀ = Pᵀ ∘ (dPᵀ - D), as bf16 over Pᵀ;
+/// dK += dSᵀ·Q.
 /// Shared memory (`attn_bwd_tc_dkdv_smem` in plan.rs): K and V [64][HD + 8] bf16 (rows padded
 /// against bank conflicts; at the end, the dK/dV staging, [64][HD] f32), q and dO tiles [BQ][HD]
 /// bf16, and per warp one [16][BQ] f32 tile and one [16][BQ] bf16 tile: 48 KB at HD = 128,

@@ -5,7 +5,8 @@
 //!
 //! Which library: the path in `RLHF_NVRTC` if set (CI installs the `nvidia-cuda-nvrtc-cu12`
 //! wheel and points it at `libnvrtc.so.12`), else `libnvrtc.so.12`, `libnvrtc.so.13` (CUDA 13
-//! toolkits) or `libnvrtc.so` from the library path. It is loaded once per process and never unloaded.
+//! toolkits) or `libnvrtc.so` from the library path. It is loaded once per process and never
+//! unloaded.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;

@@ -938,8 +938,8 @@ fn attn_fwd_tc_smem(hd: usize) -> usize {
 }
 
 /// f32 values of dynamic shared memory of `attn_bwd_dq_tc_bf16`: a union of [ATTN_TC_BQ][HD] f32
-/// (q and dO staging, the K and V tiles [BK][HD + 8] bf16, dQ staging), S and dP [ATTN_TC_BQ][BK] f32, dS
-/// [ATTN_TC_BQ][BK] bf16. 42 KB at HD = 128.
+/// (q and dO staging, the K and V tiles [BK][HD + 8] bf16, dQ staging), S and dP
+/// [ATTN_TC_BQ][BK] f32, dS [ATTN_TC_BQ][BK] bf16. 42 KB at HD = 128.
 fn attn_bwd_tc_dq_smem(hd: usize) -> usize {
     let bk = attn_tc_bk(hd);
     ATTN_TC_BQ * hd + 2 * ATTN_TC_BQ * bk + ATTN_TC_BQ * bk / 2

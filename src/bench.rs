@@ -343,6 +343,9 @@ pub fn decode_weight_bytes(cfg: &Config) -> usize {
         + lm)
 }
 
+/// Timed calls per round on each side of `rlhf bench generate`, after one warm-up call.
+const GENERATE_REPS: usize = 2;
+
 /// Runs `rlhf bench generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     use crate::model::generate::{generate, SamplingConfig};
@@ -382,9 +385,14 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         let new_tokens = (args.batch * args.new_tokens) as f64;
         let (mut ours, mut theirs) = (0.0f64, None::<f64>);
         for _ in 0..args.rounds {
-            let t = Instant::now();
+            // The protocol of `torch_generate.py`: a warm-up call after the other side has run,
+            // then the best of `REPS` timed calls.
             generate(&be, &model, &prompts, &sampling, None, &mut rng)?;
-            ours = ours.max(new_tokens / t.elapsed().as_secs_f64());
+            for _ in 0..GENERATE_REPS {
+                let t = Instant::now();
+                generate(&be, &model, &prompts, &sampling, None, &mut rng)?;
+                ours = ours.max(new_tokens / t.elapsed().as_secs_f64());
+            }
             if !args.no_torch {
                 let v = run_python(
                     &args.python,
@@ -398,6 +406,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                         args.prompt_len.to_string(),
                         "--new-tokens".into(),
                         args.new_tokens.to_string(),
+                        "--reps".into(),
+                        GENERATE_REPS.to_string(),
                     ],
                 )?;
                 let tps = v["new_tokens_per_s"].as_f64().unwrap_or(0.0);

@@ -2,10 +2,11 @@
 //! tokens (in `sample.rs`). Nothing here allocates: the decode loop must not.
 
 use super::math::{self, simd_dispatch};
+use super::matmul::SharedOut;
 use super::reduce::{max, sum};
+use super::team;
 use super::Cpu;
 use crate::backend::{AttnShape, DecodeOps, SampleParams};
-use rayon::prelude::*;
 
 impl DecodeOps for Cpu {
     fn kv_cache_store(
@@ -115,24 +116,26 @@ pub fn attention_decode(
     let group = nh / kvh;
     // One task per (sequence, KV head): the query heads of its group are adjacent in `out` and
     // in the qkv row, and share the task's cache rows and mask. Each task writes only its own
-    // outputs, so the split does not change any result. (A floor of 64k multiply-adds per
-    // task, as the skinny products have, made the llama fixture 10% slower on two threads: it
-    // ran the whole call on one.)
-    out.par_chunks_mut(group * hd)
-        .enumerate()
-        .for_each(|(bg, o)| {
-            let (b, g) = (bg / kvh, bg % kvh);
-            let q = &qkv[b * w + g * group * hd..b * w + (g + 1) * group * hd];
-            let cache = (b * kvh + g) * t_max * hd;
-            let (k, v) = (
-                &k_cache[cache..cache + len * hd],
-                &v_cache[cache..cache + len * hd],
-            );
-            let mask = &key_mask[b * t_max..b * t_max + len];
-            for (oh, qh) in o.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
-                attend_one(oh, qh, k, v, mask, scale);
-            }
-        });
+    // outputs, so the split does not change any result. The tasks go to the spinning team
+    // (`team.rs`), not to rayon: at the llama fixture's size the whole call takes a few
+    // microseconds, about what waking a rayon worker costs.
+    let out = SharedOut(out.as_mut_ptr());
+    let out = &out;
+    team::for_each(s.b * kvh, &|bg| {
+        // SAFETY: task bg writes only its own group of heads, inside `out` (B·NH·HD).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(bg * group * hd), group * hd) };
+        let (b, g) = (bg / kvh, bg % kvh);
+        let q = &qkv[b * w + g * group * hd..b * w + (g + 1) * group * hd];
+        let cache = (b * kvh + g) * t_max * hd;
+        let (k, v) = (
+            &k_cache[cache..cache + len * hd],
+            &v_cache[cache..cache + len * hd],
+        );
+        let mask = &key_mask[b * t_max..b * t_max + len];
+        for (oh, qh) in o.chunks_exact_mut(hd).zip(q.chunks_exact(hd)) {
+            attend_one(oh, qh, k, v, mask, scale);
+        }
+    });
 }
 
 /// Key columns per softmax tile: the scores and column indices of a tile live on the stack.

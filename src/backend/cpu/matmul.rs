@@ -9,6 +9,7 @@ use super::math::{halve_lanes, simd_dispatch};
 #[cfg(target_arch = "x86_64")]
 use super::math::{lane_sums16_shuffled, SUM_LANE};
 use super::reduce::{add_partials, ROW_CHUNK};
+use super::team;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -260,7 +261,7 @@ pub fn matmul_forward(
 
 /// An output's base pointer, shared by the tasks of a product that each write their own output
 /// channels.
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint elements, and the output outlives their parallel loop.
 unsafe impl Sync for SharedOut {}
 
@@ -268,13 +269,10 @@ unsafe impl Sync for SharedOut {}
 /// sequence.
 const SKINNY_ROWS: usize = 16;
 
-/// Output channels per task of the skinny product, at least.
-const SKINNY_OC_CHUNK: usize = 32;
-
-/// Multiply-adds per task of the skinny product, at least: a smaller task costs more to hand to
-/// another thread than it saves (at the llama fixture's width a decode step's products are a few
-/// microseconds each, and split 32 channels a task they ran slower on two threads than on one).
-const SKINNY_TASK_WORK: usize = 1 << 16;
+/// Multiply-adds per item of the skinny product, at least, and items per thread of the team, at
+/// most: its partners are spinning, so handing them an item costs well under a microsecond.
+const SKINNY_ITEM_WORK: usize = 1 << 13;
+const SKINNY_ITEMS_PER_THREAD: usize = 8;
 
 /// Lanes of each accumulator, and input rows handled together: every weight element loaded goes
 /// into 8 independent sums, so each weight is read from memory once and the adds never wait on
@@ -330,12 +328,14 @@ fn skinny_matmul_forward(
         }
         return;
     }
-    let per_task = (SKINNY_TASK_WORK / (n * c).max(1))
-        .next_multiple_of(SKINNY_PAIR)
-        .max(SKINNY_OC_CHUNK);
+    // Enough items for the team to even out, none so small that claiming it costs much.
+    let per_item = (SKINNY_ITEM_WORK / (n * c))
+        .max(oc / (SKINNY_ITEMS_PER_THREAD * team::size()))
+        .max(1)
+        .next_multiple_of(SKINNY_PAIR);
     #[cfg(target_arch = "x86_64")]
     let lanes = SkinnyLanes::new(oc);
-    ProductTask::operands(out, inp, w, bias, n, c, oc).for_each_task(per_task, |task| {
+    ProductTask::operands(out, inp, w, bias, n, c, oc).for_each_item(per_item, |task| {
         // SAFETY: the task's channels lie inside `out` (N·OC, asserted by the caller) and no
         // other task writes them.
         unsafe {
@@ -384,6 +384,35 @@ impl<'a> ProductTask<'a> {
             oc,
             bias,
         }
+    }
+
+    /// Runs `f` on the [`team`]'s threads, on items of `per_item` channels each.
+    fn for_each_item(self, per_item: usize, f: impl Fn(&ProductTask) + Sync) {
+        let ProductTask {
+            out,
+            o_start,
+            rows,
+            inp,
+            n,
+            c,
+            oc,
+            bias,
+        } = self;
+        let dst = SharedOut(out);
+        let dst = &dst;
+        team::for_each((rows.len() / c).div_ceil(per_item), &|i| {
+            let chunk = i * per_item * c..rows.len().min((i + 1) * per_item * c);
+            f(&ProductTask {
+                out: dst.0,
+                o_start: o_start + i * per_item,
+                rows: &rows[chunk],
+                inp,
+                n,
+                c,
+                oc,
+                bias,
+            })
+        });
     }
 
     /// Runs `f` in parallel on tasks of `per_task` channels each.

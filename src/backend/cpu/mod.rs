@@ -16,6 +16,7 @@ mod optim;
 mod reduce;
 mod rope;
 mod sample;
+mod team;
 
 use super::Backend;
 use std::ops::Range;

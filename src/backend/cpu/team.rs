@@ -134,9 +134,10 @@ pub fn size() -> usize {
 }
 
 /// Calls `f(i)` for every `i` in `0..items` on the team, and returns when all are done. Each
-/// thread works through its own contiguous block of items front to back, then takes what is
-/// left of the others' blocks from their back ends: a product's weights stream in long runs,
-/// and a thread held up elsewhere delays no one.
+/// thread works through its own contiguous block of items front to back; one that runs out
+/// takes the back half of what another has left, as rayon does, and works through that front
+/// to back. A product's weights so stream in long forward runs (which the prefetches ahead of
+/// them assume), and a thread held up elsewhere delays no one.
 pub fn for_each(items: usize, f: &(dyn Fn(usize) + Sync)) {
     let parts = size().min(items).min(MAX_PARTS);
     let blocks: [Block; MAX_PARTS] = std::array::from_fn(|p| match p < parts {
@@ -144,50 +145,60 @@ pub fn for_each(items: usize, f: &(dyn Fn(usize) + Sync)) {
         false => Block::new(0, 0),
     });
     let blocks = &blocks[..parts];
-    run(parts, &|p| {
+    run(parts, &|p| loop {
         while let Some(i) = blocks[p].front() {
             f(i);
         }
-        for q in (1..parts).map(|d| (p + d) % parts) {
-            while let Some(i) = blocks[q].back() {
-                f(i);
-            }
+        let stolen = (1..parts).find_map(|d| blocks[(p + d) % parts].back_half());
+        match stolen {
+            Some((lo, hi)) => blocks[p].0.store(Block::pack(lo, hi), SeqCst),
+            None => break,
         }
     });
 }
 
 /// The most threads [`for_each`] splits work over.
-const MAX_PARTS: usize = 64;
+const MAX_PARTS: usize = 32;
 
 /// The unclaimed items `lo..hi` of one thread's block, packed in one word so that a claim from
-/// either end is one compare-and-swap.
+/// either end is one compare-and-swap. Each on its own cache line: threads claiming from their
+/// own blocks then never contend. Items are never claimed twice, so a range never recurs and a
+/// stale compare-and-swap always fails.
+#[repr(align(64))]
 struct Block(AtomicU64);
 
 impl Block {
     fn new(lo: usize, hi: usize) -> Block {
-        Block(AtomicU64::new(((hi as u64) << 32) | lo as u64))
+        Block(AtomicU64::new(Block::pack(lo, hi)))
+    }
+    fn pack(lo: usize, hi: usize) -> u64 {
+        ((hi as u64) << 32) | lo as u64
     }
     /// Claims the first unclaimed item.
     fn front(&self) -> Option<usize> {
-        self.claim(|lo, _| lo, |lo, hi| (lo + 1, hi))
+        self.claim(|lo, hi| (lo < hi).then_some((lo + 1, hi)))
+            .map(|(lo, _)| lo)
     }
-    /// Claims the last unclaimed item.
-    fn back(&self) -> Option<usize> {
-        self.claim(|_, hi| hi - 1, |lo, hi| (lo, hi - 1))
+    /// Claims the back half of the unclaimed items (rounded up), returned as a range.
+    fn back_half(&self) -> Option<(usize, usize)> {
+        self.claim(|lo, hi| (lo < hi).then_some((lo, hi - (hi - lo).div_ceil(2))))
+            .map(|(_, (mid, hi))| (mid, hi))
     }
-    fn claim(&self, item: fn(u64, u64) -> u64, rest: fn(u64, u64) -> (u64, u64)) -> Option<usize> {
+    /// Replaces `lo..hi` by `next(lo, hi)` unless that is `None`; returns the old `lo` and the
+    /// claimed range `new hi..old hi` (or the old `lo` alone for a front claim).
+    fn claim(
+        &self,
+        next: impl Fn(usize, usize) -> Option<(usize, usize)>,
+    ) -> Option<(usize, (usize, usize))> {
         let mut cur = self.0.load(SeqCst);
         loop {
-            let (lo, hi) = (cur & 0xffff_ffff, cur >> 32);
-            if lo >= hi {
-                return None;
-            }
-            let (nlo, nhi) = rest(lo, hi);
+            let (lo, hi) = ((cur & 0xffff_ffff) as usize, (cur >> 32) as usize);
+            let (nlo, nhi) = next(lo, hi)?;
             match self
                 .0
-                .compare_exchange_weak(cur, (nhi << 32) | nlo, SeqCst, SeqCst)
+                .compare_exchange_weak(cur, Block::pack(nlo, nhi), SeqCst, SeqCst)
             {
-                Ok(_) => return Some(item(lo, hi) as usize),
+                Ok(_) => return Some((lo, (nhi, hi))),
                 Err(now) => cur = now,
             }
         }

@@ -1065,6 +1065,36 @@ mod tests {
         });
     }
 
+    /// Split over the team's threads, the skinny product gives the bits it gives on one thread:
+    /// run inside a team item, where the team is busy, it runs every item itself.
+    #[test]
+    fn skinny_product_on_the_team_matches_one_thread() {
+        each_case(
+            4,
+            &[(8, 64, 512), (8, 384, 1536), (5, 100, 37)],
+            |ops, (n, c, oc)| {
+                let (inp, w, bias) = ops;
+                let run = || {
+                    guarded(n * oc, |out| {
+                        skinny_matmul_forward(out, inp, w, bias, n, c, oc, has_avx512())
+                    })
+                };
+                let alone = std::sync::Mutex::new(Vec::new());
+                team::for_each(2, &|i| {
+                    if i == 0 {
+                        *alone.lock().unwrap() = run();
+                    }
+                });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&run()),
+                    bits(&alone.into_inner().unwrap()),
+                    "N {n} C {c} OC {oc}"
+                );
+            },
+        );
+    }
+
     /// The dot-product kernel against an f64 product, within 1e-5 relative to the sum of
     /// |terms|: row and channel counts that leave partial 4 × 4 blocks, widths with and without
     /// a tail past the 16-lane blocks, tasks split over the channels, with and without a bias,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 /// How long a partner spins after a job before it parks: longer than any gap between a decode
 /// step's ops, short enough that work outside the decode loop gets the core back soon.
-const SPIN: Duration = Duration::from_millis(1);
+const SPIN: Duration = Duration::from_micros(200);
 
 /// A job: called with the part index, 1..parts on the partners.
 type Job = dyn Fn(usize) + Sync;

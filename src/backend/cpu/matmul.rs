@@ -352,6 +352,7 @@ fn skinny_matmul_forward(
 
 /// One parallel task of the skinny or the dot-product kernel: output channels `o_start..` (one
 /// per row of `rows`) of all `n` rows.
+#[derive(Clone, Copy)]
 struct ProductTask<'a> {
     out: *mut f32,
     o_start: usize,
@@ -362,6 +363,10 @@ struct ProductTask<'a> {
     oc: usize,
     bias: Option<&'a [f32]>,
 }
+
+// SAFETY: the tasks split from one product write disjoint output channels through `out`, and
+// the output outlives their parallel loop (as for `SharedOut`).
+unsafe impl Sync for ProductTask<'_> {}
 
 impl<'a> ProductTask<'a> {
     /// The whole product `out = inp · wᵀ + bias` as one task (all channels).
@@ -388,61 +393,26 @@ impl<'a> ProductTask<'a> {
 
     /// Runs `f` on the [`team`]'s threads, on items of `per_item` channels each.
     fn for_each_item(self, per_item: usize, f: impl Fn(&ProductTask) + Sync) {
-        let ProductTask {
-            out,
-            o_start,
-            rows,
-            inp,
-            n,
-            c,
-            oc,
-            bias,
-        } = self;
-        let dst = SharedOut(out);
-        let dst = &dst;
-        team::for_each((rows.len() / c).div_ceil(per_item), &|i| {
-            let chunk = i * per_item * c..rows.len().min((i + 1) * per_item * c);
-            f(&ProductTask {
-                out: dst.0,
-                o_start: o_start + i * per_item,
-                rows: &rows[chunk],
-                inp,
-                n,
-                c,
-                oc,
-                bias,
-            })
-        });
+        let items = (self.rows.len() / self.c).div_ceil(per_item);
+        team::for_each(items, &|i| f(&self.part(i, per_item)));
     }
 
-    /// Runs `f` in parallel on tasks of `per_task` channels each.
+    /// Runs `f` in parallel (rayon) on tasks of `per_task` channels each.
     fn for_each_task(self, per_task: usize, f: impl Fn(&ProductTask) + Sync) {
-        let ProductTask {
-            out,
-            o_start,
-            rows,
-            inp,
-            n,
-            c,
-            oc,
-            bias,
-        } = self;
-        let dst = SharedOut(out);
-        let dst = &dst;
-        rows.par_chunks(per_task * c)
-            .enumerate()
-            .for_each(|(chunk, rows)| {
-                f(&ProductTask {
-                    out: dst.0,
-                    o_start: o_start + chunk * per_task,
-                    rows,
-                    inp,
-                    n,
-                    c,
-                    oc,
-                    bias,
-                })
-            });
+        let tasks = (self.rows.len() / self.c).div_ceil(per_task);
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|i| f(&self.part(i, per_task)));
+    }
+
+    /// Part `i` of this task's channels, in parts of `per` channels.
+    fn part(&self, i: usize, per: usize) -> ProductTask<'a> {
+        let c = self.c;
+        ProductTask {
+            o_start: self.o_start + i * per,
+            rows: &self.rows[i * per * c..self.rows.len().min((i + 1) * per * c)],
+            ..*self
+        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! tokens (in `sample.rs`). Nothing here allocates: the decode loop must not.
 
 use super::math::{self, simd_dispatch};
-use super::matmul::SharedOut;
 use super::reduce::{max, sum};
 use super::team;
 use super::Cpu;
@@ -137,6 +136,11 @@ pub fn attention_decode(
         }
     });
 }
+
+/// The output's base pointer, shared by the attention tasks, each writing its own heads.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements, and the output outlives their parallel loop.
+unsafe impl Sync for SharedOut {}
 
 /// Key columns per softmax tile: the scores and column indices of a tile live on the stack.
 const TILE: usize = 128;

@@ -259,12 +259,6 @@ pub fn matmul_forward(
     }
 }
 
-/// An output's base pointer, shared by the tasks of a product that each write their own output
-/// channels.
-pub(super) struct SharedOut(pub(super) *mut f32);
-// SAFETY: the tasks write disjoint elements, and the output outlives their parallel loop.
-unsafe impl Sync for SharedOut {}
-
 /// Row counts up to which [`skinny_matmul_forward`] replaces gemm: a decode step's one token per
 /// sequence.
 const SKINNY_ROWS: usize = 16;
@@ -365,7 +359,7 @@ struct ProductTask<'a> {
 }
 
 // SAFETY: the tasks split from one product write disjoint output channels through `out`, and
-// the output outlives their parallel loop (as for `SharedOut`).
+// the output outlives their parallel loop.
 unsafe impl Sync for ProductTask<'_> {}
 
 impl<'a> ProductTask<'a> {

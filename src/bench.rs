@@ -386,7 +386,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         let (mut ours, mut theirs) = (0.0f64, None::<f64>);
         for _ in 0..args.rounds {
             // The protocol of `torch_generate.py`: a warm-up call after the other side has run,
-            // then the best of `REPS` timed calls.
+            // then the best of `GENERATE_REPS` timed calls.
             generate(&be, &model, &prompts, &sampling, None, &mut rng)?;
             for _ in 0..GENERATE_REPS {
                 let t = Instant::now();

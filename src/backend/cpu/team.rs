@@ -52,7 +52,6 @@ struct Partner {
 // finished the last job), and read by partners only between the bump of `epoch` and their
 // decrement of `remaining`; the job itself is `Sync`.
 unsafe impl Sync for Team {}
-unsafe impl Send for Team {}
 
 fn team() -> &'static Team {
     static TEAM: OnceLock<&'static Team> = OnceLock::new();
@@ -176,20 +175,21 @@ impl Block {
     }
     /// Claims the first unclaimed item.
     fn front(&self) -> Option<usize> {
-        self.claim(|lo, hi| (lo < hi).then_some((lo + 1, hi)))
-            .map(|(lo, _)| lo)
+        let ((lo, _), _) = self.claim(|lo, hi| (lo < hi).then_some((lo + 1, hi)))?;
+        Some(lo)
     }
     /// Claims the back half of the unclaimed items (rounded up), returned as a range.
     fn back_half(&self) -> Option<(usize, usize)> {
-        self.claim(|lo, hi| (lo < hi).then_some((lo, hi - (hi - lo).div_ceil(2))))
-            .map(|(_, (mid, hi))| (mid, hi))
+        let ((_, hi), (_, mid)) =
+            self.claim(|lo, hi| (lo < hi).then_some((lo, hi - (hi - lo).div_ceil(2))))?;
+        Some((mid, hi))
     }
-    /// Replaces `lo..hi` by `next(lo, hi)` unless that is `None`; returns the old `lo` and the
-    /// claimed range `new hi..old hi` (or the old `lo` alone for a front claim).
+    /// Replaces `lo..hi` by `next(lo, hi)` unless that is `None`; returns the old and the new
+    /// range.
     fn claim(
         &self,
         next: impl Fn(usize, usize) -> Option<(usize, usize)>,
-    ) -> Option<(usize, (usize, usize))> {
+    ) -> Option<((usize, usize), (usize, usize))> {
         let mut cur = self.0.load(SeqCst);
         loop {
             let (lo, hi) = ((cur & 0xffff_ffff) as usize, (cur >> 32) as usize);
@@ -198,7 +198,7 @@ impl Block {
                 .0
                 .compare_exchange_weak(cur, Block::pack(nlo, nhi), SeqCst, SeqCst)
             {
-                Ok(_) => return Some((lo, (nhi, hi))),
+                Ok(_) => return Some(((lo, hi), (nlo, nhi))),
                 Err(now) => cur = now,
             }
         }

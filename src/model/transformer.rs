@@ -843,7 +843,13 @@ pub struct DecodeState<B: DecodeOps> {
 impl<B: DecodeOps> Model<B> {
     /// Runs the (left-padded) prompt batch, fills a KV cache with room for `max_new` more
     /// tokens, and leaves the logits of each row's last prompt token in `state.logits`.
+    ///
+    /// Unlike the training forward it keeps no activations: one set of buffers serves every
+    /// layer, and keys and values go straight into the cache. Only each row's last column is
+    /// read from the last layer's attention on, so the rest of that layer runs on those B rows
+    /// alone, through the decode step's code.
     pub fn prefill(&self, be: &B, batch: &Batch, max_new: usize) -> Result<DecodeState<B>> {
+        self.check_batch(batch)?;
         let cfg = &self.cfg;
         let t_max = batch.t + max_new;
         if cfg.pos == Pos::Learned && t_max > cfg.max_position {
@@ -852,24 +858,93 @@ impl<B: DecodeOps> Model<B> {
                 batch.t, cfg.max_position
             )));
         }
-        let acts = self.forward(be, batch)?;
-        let (b, c, v) = (batch.b, cfg.hidden_size, cfg.vocab_size);
+        let (b, n, c) = (batch.b, batch.n(), cfg.hidden_size);
         let shape = self.attn_shape(batch);
-        let cache_len = b * cfg.n_kv_head * t_max * cfg.head_dim;
-        let (mut k, mut vv) = (Vec::new(), Vec::new());
-        for s in &acts.blocks {
-            let (mut kc, mut vc) = (be.zeros(cache_len), be.zeros(cache_len));
+        let mut state = self.decode_state(be, batch, t_max);
+        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
+        let (f, i) = self.mlp_widths();
+        let l = &self.layout;
+        let mut x = be.zeros(n * c);
+        let (mut ln, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+        let (mut qkv, mut att) = (be.zeros(n * qkv_w), be.zeros(n * a));
+        let mut lse = be.zeros(b * cfg.n_head * batch.t);
+        let (mut o, mut fc, mut act) = (be.zeros(n * c), be.zeros(n * f), be.zeros(n * i));
+        be.embedding_forward(
+            be.all_mut(&mut x),
+            self.p(be, &l.embed),
+            &batch.ids,
+            c,
+            false,
+        );
+        if let Some(pe) = &l.pos_embed {
+            be.embedding_forward(be.all_mut(&mut x), self.p(be, pe), &batch.pos, c, true);
+        }
+        let last = l.blocks.len() - 1;
+        for (li, bp) in l.blocks.iter().enumerate() {
+            self.norm_forward(
+                be, &mut ln, &mut mean, &mut rstd, &x, &bp.ln1_w, &bp.ln1_b, n,
+            );
+            self.linear_into(be, &mut qkv, &ln, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
+            if let Some(theta) = self.rope_theta() {
+                be.rope_forward(be.all_mut(&mut qkv), &batch.pos, shape, theta);
+            }
             be.kv_cache_store(
-                be.all_mut(&mut kc),
-                be.all_mut(&mut vc),
-                be.all(&s.qkv),
+                be.all_mut(&mut state.k[li]),
+                be.all_mut(&mut state.v[li]),
+                be.all(&qkv),
                 shape,
                 0,
                 t_max,
             );
-            k.push(kc);
-            vv.push(vc);
+            be.attention_forward(
+                be.all_mut(&mut att),
+                be.all_mut(&mut lse),
+                be.all(&qkv),
+                &batch.mask,
+                shape,
+            );
+            if li == last {
+                break;
+            }
+            self.linear_into(be, &mut o, &att, &bp.o_w, &bp.o_b, n, a, c);
+            be.add_inplace(be.all_mut(&mut x), be.all(&o));
+            self.norm_forward(
+                be, &mut ln, &mut mean, &mut rstd, &x, &bp.ln2_w, &bp.ln2_b, n,
+            );
+            self.linear_into(be, &mut fc, &ln, &bp.fc_w, &bp.fc_b, n, c, f);
+            match cfg.act {
+                Act::Gelu => be.gelu_forward(be.all_mut(&mut act), be.all(&fc)),
+                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut act), be.all(&fc), n, i),
+            }
+            self.linear_into(be, &mut o, &act, &bp.proj_w, &bp.proj_b, n, i, c);
+            be.add_inplace(be.all_mut(&mut x), be.all(&o));
         }
+        // Each row's last column (left padding puts every prompt's end at t - 1).
+        for r in 0..b {
+            let col = r * batch.t + batch.t - 1;
+            be.copy(
+                be.view_mut(&mut state.x, r * c..(r + 1) * c),
+                be.view(&x, col * c..(col + 1) * c),
+            );
+            be.copy(
+                be.view_mut(&mut state.att, r * a..(r + 1) * a),
+                be.view(&att, col * a..(col + 1) * a),
+            );
+        }
+        self.block_tail(be, &mut state, &l.blocks[last]);
+        self.step_logits(be, &mut state)?;
+        Ok(state)
+    }
+
+    /// The decode state of `batch` with an empty cache of `t_max` columns.
+    fn decode_state(&self, be: &B, batch: &Batch, t_max: usize) -> DecodeState<B> {
+        let cfg = &self.cfg;
+        let (b, c, v) = (batch.b, cfg.hidden_size, cfg.vocab_size);
+        let one = AttnShape {
+            t: 1,
+            ..self.attn_shape(batch)
+        };
+        let cache_len = b * cfg.n_kv_head * t_max * cfg.head_dim;
         let mut key_mask = vec![false; b * t_max];
         let mut next_pos = vec![0u32; b];
         for r in 0..b {
@@ -878,10 +953,9 @@ impl<B: DecodeOps> Model<B> {
             next_pos[r] = row.iter().filter(|&&m| m).count() as u32;
         }
         let (f, i) = self.mlp_widths();
-        let one = AttnShape { t: 1, ..shape };
-        let mut state = DecodeState {
-            k,
-            v: vv,
+        DecodeState {
+            k: (0..cfg.n_layer).map(|_| be.zeros(cache_len)).collect(),
+            v: (0..cfg.n_layer).map(|_| be.zeros(cache_len)).collect(),
             b,
             t_max,
             len: batch.t,
@@ -897,19 +971,53 @@ impl<B: DecodeOps> Model<B> {
             fc: be.zeros(b * f),
             act: be.zeros(b * i),
             logits: be.zeros(b * v),
-        };
-        // The last column's hidden state of every row: left padding puts it at t - 1.
-        for r in 0..b {
-            let src = (r * batch.t + batch.t - 1) * c;
-            be.copy(
-                be.view_mut(&mut state.ln, r * c..(r + 1) * c),
-                be.view(&acts.hidden, src..src + c),
-            );
         }
-        self.recycle(acts);
+    }
+
+    /// The rest of a block after its attention, on the B rows of `s.att` and `s.x`: output
+    /// projection and residual, then the MLP and its residual.
+    fn block_tail(&self, be: &B, s: &mut DecodeState<B>, bp: &super::layout::BlockParams) {
+        let (b, c) = (s.b, self.cfg.hidden_size);
+        let a = self.cfg.n_head * self.cfg.head_dim;
+        let (f, i) = self.mlp_widths();
+        self.linear_into(be, &mut s.o, &s.att, &bp.o_w, &bp.o_b, b, a, c);
+        be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
+        self.norm_forward(
+            be,
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.x,
+            &bp.ln2_w,
+            &bp.ln2_b,
+            b,
+        );
+        self.linear_into(be, &mut s.fc, &s.ln, &bp.fc_w, &bp.fc_b, b, c, f);
+        match self.cfg.act {
+            Act::Gelu => be.gelu_forward(be.all_mut(&mut s.act), be.all(&s.fc)),
+            Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut s.act), be.all(&s.fc), b, i),
+        }
+        self.linear_into(be, &mut s.o, &s.act, &bp.proj_w, &bp.proj_b, b, i, c);
+        be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
+    }
+
+    /// The final norm and LM head of the B rows of `s.x`, into `s.logits`.
+    fn step_logits(&self, be: &B, s: &mut DecodeState<B>) -> Result<()> {
+        let (b, c, v) = (s.b, self.cfg.hidden_size, self.cfg.vocab_size);
+        let l = &self.layout;
+        self.norm_forward(
+            be,
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.x,
+            &l.lnf_w,
+            &l.lnf_b,
+            b,
+        );
         let lm = self.lm_range()?;
-        self.linear_into(be, &mut state.logits, &state.ln, &lm, &None, b, c, v);
-        Ok(state)
+        self.linear_into(be, &mut s.logits, &s.ln, &lm, &None, b, c, v);
+        Ok(())
     }
 
     /// Appends one token per sequence (`ids`, B values) to the cache and computes the next
@@ -933,8 +1041,7 @@ impl<B: DecodeOps> Model<B> {
             n_kv_head: cfg.n_kv_head,
             head_dim: cfg.head_dim,
         };
-        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
-        let (f, i) = self.mlp_widths();
+        let qkv_w = shape.qkv_width();
         let l = &self.layout;
         let col = state.len;
         for r in 0..b {
@@ -945,7 +1052,7 @@ impl<B: DecodeOps> Model<B> {
         if let Some(pe) = &l.pos_embed {
             be.embedding_forward(be.all_mut(&mut s.x), self.p(be, pe), &s.next_pos, c, true);
         }
-        for (bp, (kc, vc)) in l.blocks.iter().zip(s.k.iter_mut().zip(s.v.iter_mut())) {
+        for (li, bp) in l.blocks.iter().enumerate() {
             self.norm_forward(
                 be,
                 &mut s.ln,
@@ -961,8 +1068,8 @@ impl<B: DecodeOps> Model<B> {
                 be.rope_forward(be.all_mut(&mut s.qkv), &s.next_pos, shape, theta);
             }
             be.kv_cache_store(
-                be.all_mut(kc),
-                be.all_mut(vc),
+                be.all_mut(&mut s.k[li]),
+                be.all_mut(&mut s.v[li]),
                 be.all(&s.qkv),
                 shape,
                 col,
@@ -971,45 +1078,16 @@ impl<B: DecodeOps> Model<B> {
             be.attention_decode(
                 be.all_mut(&mut s.att),
                 be.all(&s.qkv),
-                be.all(kc),
-                be.all(vc),
+                be.all(&s.k[li]),
+                be.all(&s.v[li]),
                 &s.key_mask,
                 shape,
                 col + 1,
                 s.t_max,
             );
-            self.linear_into(be, &mut s.o, &s.att, &bp.o_w, &bp.o_b, b, a, c);
-            be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
-            self.norm_forward(
-                be,
-                &mut s.ln,
-                &mut s.mean,
-                &mut s.rstd,
-                &s.x,
-                &bp.ln2_w,
-                &bp.ln2_b,
-                b,
-            );
-            self.linear_into(be, &mut s.fc, &s.ln, &bp.fc_w, &bp.fc_b, b, c, f);
-            match cfg.act {
-                Act::Gelu => be.gelu_forward(be.all_mut(&mut s.act), be.all(&s.fc)),
-                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut s.act), be.all(&s.fc), b, i),
-            }
-            self.linear_into(be, &mut s.o, &s.act, &bp.proj_w, &bp.proj_b, b, i, c);
-            be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
+            self.block_tail(be, s, bp);
         }
-        self.norm_forward(
-            be,
-            &mut s.ln,
-            &mut s.mean,
-            &mut s.rstd,
-            &s.x,
-            &l.lnf_w,
-            &l.lnf_b,
-            b,
-        );
-        let lm = self.lm_range()?;
-        self.linear_into(be, &mut s.logits, &s.ln, &lm, &None, b, c, v);
+        self.step_logits(be, s)?;
         s.len += 1;
         s.next_pos.iter_mut().for_each(|p| *p += 1);
         Ok(())

@@ -274,10 +274,22 @@ const SKINNY_ITEMS_PER_THREAD: usize = 8;
 const SKINNY_LANES: usize = 16;
 const SKINNY_GROUP: usize = 8;
 
-/// Weight rows dotted in one pass over the input group: each input load then feeds two
-/// multiply-adds instead of one, so the loop is bound by the multiply-adds rather than by the
-/// loads (16 accumulators + 2 weight + 1 input vector fit AVX-512's 32 registers).
+/// Weight rows dotted in one pass over the input group, so that each input load feeds two or
+/// three multiply-adds instead of one. Two rows (16 accumulators, 2 weight vectors and an input
+/// vector) serve the portable kernel and the AVX-512 kernel below [`SKINNY_TRIPLE_WIDTH`];
+/// three rows (24, 3 and 1 of AVX-512's 32 registers) serve the AVX-512 kernel from there.
+/// With two, the weight stream fell short of the memory's pace: over the 6-layer config's 44 MB
+/// of decode products on 2 threads, a lab copy of the kernel read 33–37 GB/s with two rows and
+/// 42–52 GB/s with three, where plain sums read the same weights at 66–74 GB/s. `rlhf bench
+/// generate --no-torch --rounds 5 --configs gpt2-6l-384`, alternating binaries four times:
+/// 5439 / 5192 / 5239 / 5648 tok/s with two, 5901 / 5350 / 5794 / 5736 with three.
 const SKINNY_PAIR: usize = 2;
+const SKINNY_TRIPLE: usize = 3;
+
+/// Input widths from which the AVX-512 kernel dots three weight rows at a time. Narrower, a
+/// block is a few lane steps long and its reductions and call weigh more than the loads saved:
+/// the llama fixture (C = 64) generated 9% fewer tokens/s with three.
+const SKINNY_TRIPLE_WIDTH: usize = 256;
 
 /// How far ahead of the multiply-adds each weight row is prefetched, in floats (8 KiB). The
 /// hardware prefetcher alone keeps too few lines in flight for the two interleaved row streams,
@@ -326,7 +338,7 @@ fn skinny_matmul_forward(
     let per_item = (SKINNY_ITEM_WORK / (n * c))
         .max(oc / (SKINNY_ITEMS_PER_THREAD * team::size()))
         .max(1)
-        .next_multiple_of(SKINNY_PAIR);
+        .next_multiple_of(SKINNY_PAIR * SKINNY_TRIPLE);
     #[cfg(target_arch = "x86_64")]
     let lanes = SkinnyLanes::new(oc);
     ProductTask::operands(out, inp, w, bias, n, c, oc).for_each_item(per_item, |task| {
@@ -334,8 +346,12 @@ fn skinny_matmul_forward(
         // other task writes them.
         unsafe {
             #[cfg(target_arch = "x86_64")]
+            if avx512 && c >= SKINNY_TRIPLE_WIDTH {
+                return skinny_task_avx512::<SKINNY_TRIPLE>(task, &lanes);
+            }
+            #[cfg(target_arch = "x86_64")]
             if avx512 {
-                return skinny_task_avx512(task, &lanes);
+                return skinny_task_avx512::<SKINNY_PAIR>(task, &lanes);
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = avx512;
@@ -411,13 +427,13 @@ impl<'a> ProductTask<'a> {
 }
 
 impl ProductTask<'_> {
-    /// Calls `f` for each block of 2 channels × 8 rows with the blocks' weight and input rows.
-    /// An odd channel count's last block repeats its weight row and a partial group of rows its
-    /// first row, so every block has full operands; only the real outputs are stored.
+    /// Calls `f` for each block of `CH` channels × 8 rows with the blocks' weight and input rows.
+    /// A partial last block of channels repeats its last weight row and a partial group of rows
+    /// its first row, so every block has full operands; only the real outputs are stored.
     #[inline(always)]
-    fn each_block(
+    fn each_block<const CH: usize>(
         &self,
-        mut f: impl FnMut(&SkinnyBlock, [&[f32]; SKINNY_PAIR], &[&[f32]; SKINNY_GROUP]),
+        mut f: impl FnMut(&SkinnyBlock, [&[f32]; CH], &[&[f32]; SKINNY_GROUP]),
     ) {
         let (c, n) = (self.c, self.n);
         // Rows past the last stand in as row r0 of their group (the last row for a group
@@ -430,13 +446,15 @@ impl ProductTask<'_> {
         };
         let groups: [_; SKINNY_ROWS / SKINNY_GROUP] =
             std::array::from_fn(|i| group(i * SKINNY_GROUP));
-        for (p, wrows) in self.rows.chunks(SKINNY_PAIR * c).enumerate() {
-            let ws = [&wrows[..c], &wrows[wrows.len() - c..]];
+        for (p, wrows) in self.rows.chunks(CH * c).enumerate() {
+            let jn = wrows.len() / c;
+            let ws: [&[f32]; CH] =
+                std::array::from_fn(|j| &wrows[j.min(jn - 1) * c..(j.min(jn - 1) + 1) * c]);
             for (i, xs) in groups.iter().enumerate().take(n.div_ceil(SKINNY_GROUP)) {
                 let r0 = i * SKINNY_GROUP;
                 let block = SkinnyBlock {
-                    o0: self.o_start + p * SKINNY_PAIR,
-                    jn: wrows.len() / c,
+                    o0: self.o_start + p * CH,
+                    jn,
                     r0,
                     g: SKINNY_GROUP.min(n - r0),
                     oc: self.oc,
@@ -452,7 +470,7 @@ impl ProductTask<'_> {
 /// # Safety
 /// The task's outputs must be writable, and written by no one else meanwhile.
 unsafe fn skinny_task_portable(task: &ProductTask) {
-    task.each_block(|block, ws, xs| {
+    task.each_block::<SKINNY_PAIR>(|block, ws, xs| {
         // SAFETY: the block's outputs are the task's (the caller's contract).
         unsafe { skinny_block_portable(task.out, block, task.bias, ws, xs) }
     });
@@ -464,20 +482,49 @@ unsafe fn skinny_task_portable(task: &ProductTask) {
 /// The CPU must support AVX-512F, and the contract of [`skinny_task_portable`] holds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn skinny_task_avx512(task: &ProductTask, lanes: &SkinnyLanes) {
-    task.each_block(|block, ws, xs| {
+unsafe fn skinny_task_avx512<const CH: usize>(task: &ProductTask, lanes: &SkinnyLanes) {
+    task.each_block::<CH>(|block, ws, xs| {
         // SAFETY: AVX-512F and the block's outputs are the caller's contract.
-        unsafe { skinny_block_avx512(task.out, block, lanes, task.bias, ws, *xs) }
+        unsafe {
+            if CH == SKINNY_TRIPLE {
+                skinny_block_avx512_outlined::<CH>(task.out, block, lanes, task.bias, ws, *xs)
+            } else {
+                skinny_block_avx512::<CH>(task.out, block, lanes, task.bias, ws, *xs)
+            }
+        }
     });
 }
 
-/// Where the AVX-512 kernel's sums go: lane [`SUM_LANE`]`[a]` holds accumulator `a = j·8 + r`,
-/// channel `o0 + j` of row `r0 + r`.
+/// [`skinny_block_avx512`] as a call of its own. Inlined into the loop over blocks, LLVM kept
+/// the reduction's constants in registers across blocks and spilled 8 of the 24 accumulators
+/// to the stack, which made the three-row kernel half as fast. (Two rows fit either way, and
+/// at the llama fixture's width the call costs them 6%.)
+///
+/// # Safety
+/// As for [`skinny_block_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+unsafe fn skinny_block_avx512_outlined<const CH: usize>(
+    out: *mut f32,
+    block: &SkinnyBlock,
+    lanes: &SkinnyLanes,
+    bias: Option<&[f32]>,
+    ws: [&[f32]; CH],
+    xs: [&[f32]; SKINNY_GROUP],
+) {
+    // SAFETY: the caller's contract.
+    unsafe { skinny_block_avx512::<CH>(out, block, lanes, bias, ws, xs) }
+}
+
+/// Where the AVX-512 kernel's sums go: it reduces its accumulators `a = j·8 + r` (channel
+/// `o0 + j` of row `r0 + r`) 16 at a time, so sums vector `v` holds accumulator `16v + a` in
+/// lane [`SUM_LANE`]`[a]`: channels `2v` and `2v + 1`.
 #[cfg(target_arch = "x86_64")]
 struct SkinnyLanes {
     /// Each lane's output offset from the block's first output, `r·OC + j`.
     offset: [i32; 16],
-    /// The lanes of channel 1 (the rest are channel 0).
+    /// The lanes of a sums vector's second channel (the rest hold its first).
     second: u16,
     /// `rows[g]`: the lanes of rows below `g`.
     rows: [u16; SKINNY_GROUP + 1],
@@ -503,18 +550,20 @@ impl SkinnyLanes {
         }
         lanes
     }
-    /// The lanes to store for `block`.
-    fn keep(&self, block: &SkinnyBlock) -> u16 {
-        let channels = if block.jn == SKINNY_PAIR {
-            !0
-        } else {
-            !self.second
-        };
+    /// The lanes of sums vector `v` (channels `2v` and `2v + 1`) to store for `block`.
+    fn keep(&self, block: &SkinnyBlock, v: usize) -> u16 {
+        let mut channels = 0;
+        if 2 * v < block.jn {
+            channels |= !self.second;
+        }
+        if 2 * v + 1 < block.jn {
+            channels |= self.second;
+        }
         self.rows[block.g] & channels
     }
 }
 
-/// Which outputs one call of the skinny kernel computes: channels `o0..o0 + jn` (`jn` 1 or 2)
+/// Which outputs one call of the skinny kernel computes: channels `o0..o0 + jn` (`jn` 1 to 3)
 /// of rows `r0..r0 + g` (`g` at most 8) of an output with `oc` channels.
 struct SkinnyBlock {
     o0: usize,
@@ -640,12 +689,12 @@ fn prefetch(p: *const f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn skinny_block_avx512(
+unsafe fn skinny_block_avx512<const CH: usize>(
     out: *mut f32,
     block: &SkinnyBlock,
     lanes: &SkinnyLanes,
     bias: Option<&[f32]>,
-    ws: [&[f32]; SKINNY_PAIR],
+    ws: [&[f32]; CH],
     xs: [&[f32]; SKINNY_GROUP],
 ) {
     use std::arch::x86_64::*;
@@ -654,58 +703,72 @@ unsafe fn skinny_block_avx512(
         ws.iter().chain(&xs).all(|s| s.len() == c),
         "skinny_sums: rows of different lengths"
     );
-    let (w0, w1) = (ws[0].as_ptr(), ws[1].as_ptr());
+    let wp = ws.map(<[f32]>::as_ptr);
     let xp = xs.map(<[f32]>::as_ptr);
-    let mut acc = [_mm512_setzero_ps(); 2 * SKINNY_GROUP];
-    // Accumulator a = j·8 + r.
-    let mut add_block = |w0: __m512, w1: __m512, x: &dyn Fn(usize) -> __m512| {
+    // Accumulator a = j·8 + r, channels 0 and 1 in `acc01` and channel 2 in `acc2`: two
+    // arrays, since LLVM kept part of one array of 24 on the stack.
+    let mut acc01 = [_mm512_setzero_ps(); 2 * SKINNY_GROUP];
+    let mut acc2 = [_mm512_setzero_ps(); SKINNY_GROUP];
+    let mut add_block = |w: [__m512; CH], x: &dyn Fn(usize) -> __m512| {
         for r in 0..SKINNY_GROUP {
             let xr = x(r);
             // Multiply, then add, as the portable body does (no FMA): the same rounding.
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(w0, xr));
-            acc[SKINNY_GROUP + r] = _mm512_add_ps(acc[SKINNY_GROUP + r], _mm512_mul_ps(w1, xr));
+            acc01[r] = _mm512_add_ps(acc01[r], _mm512_mul_ps(w[0], xr));
+            acc01[SKINNY_GROUP + r] =
+                _mm512_add_ps(acc01[SKINNY_GROUP + r], _mm512_mul_ps(w[1], xr));
+            if CH == SKINNY_TRIPLE {
+                acc2[r] = _mm512_add_ps(acc2[r], _mm512_mul_ps(w[CH - 1], xr));
+            }
         }
     };
     let whole = c - c % SKINNY_LANES;
     for k in (0..whole).step_by(SKINNY_LANES) {
         // SAFETY: k + 16 <= whole <= C, so each load lies inside its row.
-        let (a, b) = unsafe { (_mm512_loadu_ps(w0.add(k)), _mm512_loadu_ps(w1.add(k))) };
-        prefetch(w0.wrapping_add(k + SKINNY_PREFETCH));
-        prefetch(w1.wrapping_add(k + SKINNY_PREFETCH));
+        let w = wp.map(|p| unsafe { _mm512_loadu_ps(p.add(k)) });
+        for p in wp {
+            prefetch(p.wrapping_add(k + SKINNY_PREFETCH));
+        }
         // SAFETY: as above.
-        add_block(a, b, &|r| unsafe { _mm512_loadu_ps(xp[r].add(k)) });
+        add_block(w, &|r| unsafe { _mm512_loadu_ps(xp[r].add(k)) });
     }
     if whole < c {
         // The tail as a zero-padded block: masked loads read only the row's own elements.
         let m: __mmask16 = (1 << (c - whole)) - 1;
         // SAFETY: the mask keeps each load to elements whole..C of its row.
-        let (a, b) = unsafe {
-            (
-                _mm512_maskz_loadu_ps(m, w0.add(whole)),
-                _mm512_maskz_loadu_ps(m, w1.add(whole)),
-            )
-        };
+        let w = wp.map(|p| unsafe { _mm512_maskz_loadu_ps(m, p.add(whole)) });
         // SAFETY: as above.
-        add_block(a, b, &|r| unsafe {
+        add_block(w, &|r| unsafe {
             _mm512_maskz_loadu_ps(m, xp[r].add(whole))
         });
     }
-    // SAFETY: AVX-512F by the caller's contract.
-    let sums = unsafe { lane_sums16_shuffled(acc) };
-    let bias = _mm512_mask_blend_ps(
-        lanes.second,
-        _mm512_set1_ps(block.bias(bias, 0)),
-        _mm512_set1_ps(block.bias(bias, 1)),
-    );
-    // SAFETY: `offset` holds 16 indices; the kept lanes' outputs are the caller's to write.
-    unsafe {
-        let offset = _mm512_loadu_si512(lanes.offset.as_ptr().cast());
-        _mm512_mask_i32scatter_ps::<4>(
-            out.wrapping_add(block.at(0, 0)).cast(),
-            lanes.keep(block),
-            offset,
-            _mm512_add_ps(sums, bias),
+    // Sixteen accumulators per reduction: channels 0 and 1, then channel 2 padded with zeros.
+    let padded2 = std::array::from_fn(|a| acc2.get(a).copied().unwrap_or(_mm512_setzero_ps()));
+    for (v, half) in [acc01, padded2]
+        .into_iter()
+        .enumerate()
+        .take(CH.div_ceil(2))
+    {
+        let keep = lanes.keep(block, v);
+        if keep == 0 {
+            continue;
+        }
+        // SAFETY: AVX-512F by the caller's contract.
+        let sums = unsafe { lane_sums16_shuffled(half) };
+        let bias = _mm512_mask_blend_ps(
+            lanes.second,
+            _mm512_set1_ps(block.bias(bias, 2 * v)),
+            _mm512_set1_ps(block.bias(bias, 2 * v + 1)),
         );
+        // SAFETY: `offset` holds 16 indices; the kept lanes' outputs are the caller's to write.
+        unsafe {
+            let offset = _mm512_loadu_si512(lanes.offset.as_ptr().cast());
+            _mm512_mask_i32scatter_ps::<4>(
+                out.wrapping_add(block.at(2 * v, 0)).cast(),
+                keep,
+                offset,
+                _mm512_add_ps(sums, bias),
+            );
+        }
     }
 }
 
@@ -1013,6 +1076,8 @@ mod tests {
             (11, 384, 66),
             (16, 1001, 3),
             (1, 5, 1),
+            (5, 300, 7),
+            (8, 256, 8),
         ];
         each_case(3, &shapes, |(inp, w, bias), (n, c, oc)| {
             let run = |avx: bool| {

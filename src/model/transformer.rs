@@ -6,7 +6,7 @@
 //! MLP's first projection (I for GELU, 2I for SwiGLU), `I` the MLP inner width, `V` vocabulary.
 
 use super::config::{Act, Config, Head, Norm, Pos};
-use super::layout::Layout;
+use super::layout::{BlockParams, Layout};
 use super::pool::BufPool;
 use crate::backend::{AttnShape, DecodeOps, ModelOps};
 use crate::{Error, Result};
@@ -342,6 +342,27 @@ impl<B: ModelOps> Model<B> {
         }
     }
 
+    /// Token embeddings of `ids`, plus learned position embeddings of `pos` where the model has
+    /// them, into `x` (one row per id).
+    fn embed(&self, be: &B, x: &mut B::Buf, ids: &[u32], pos: &[u32]) {
+        let (l, c) = (&self.layout, self.cfg.hidden_size);
+        be.embedding_forward(be.all_mut(x), self.p(be, &l.embed), ids, c, false);
+        if let Some(pe) = &l.pos_embed {
+            be.embedding_forward(be.all_mut(x), self.p(be, pe), pos, c, true);
+        }
+    }
+
+    /// The MLP's activation of `n` rows of `fc` into `act`.
+    fn act_forward(&self, be: &B, act: &mut B::Buf, fc: &B::Buf, n: usize) {
+        match self.cfg.act {
+            Act::Gelu => be.gelu_forward(be.all_mut(act), be.all(fc)),
+            Act::SwiGlu => {
+                let i = self.cfg.intermediate_size;
+                be.swiglu_forward(be.all_mut(act), be.all(fc), n, i)
+            }
+        }
+    }
+
     fn rope_theta(&self) -> Option<f32> {
         match self.cfg.pos {
             Pos::Rope { theta } => Some(theta),
@@ -361,16 +382,7 @@ impl<B: ModelOps> Model<B> {
         let l = &self.layout;
 
         let mut x = self.pool.take(be, n * c);
-        be.embedding_forward(
-            be.all_mut(&mut x),
-            self.p(be, &l.embed),
-            &batch.ids,
-            c,
-            false,
-        );
-        if let Some(pe) = &l.pos_embed {
-            be.embedding_forward(be.all_mut(&mut x), self.p(be, pe), &batch.pos, c, true);
-        }
+        self.embed(be, &mut x, &batch.ids, &batch.pos);
 
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for bp in &l.blocks {
@@ -426,10 +438,7 @@ impl<B: ModelOps> Model<B> {
             );
             let fc = self.linear(be, &ln2, &bp.fc_w, &bp.fc_b, n, c, f);
             let mut act = self.pool.take(be, n * i);
-            match cfg.act {
-                Act::Gelu => be.gelu_forward(be.all_mut(&mut act), be.all(&fc)),
-                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut act), be.all(&fc), n, i),
-            }
+            self.act_forward(be, &mut act, &fc, n);
             let proj = self.linear(be, &act, &bp.proj_w, &bp.proj_b, n, i, c);
             let mut x_next = self.pool.take(be, n * c);
             be.add(be.all_mut(&mut x_next), be.all(&x_mid), be.all(&proj));
@@ -827,6 +836,16 @@ pub struct DecodeState<B: DecodeOps> {
     pub key_mask: Vec<bool>,
     /// Next position id of each sequence.
     pub next_pos: Vec<u32>,
+    /// One row per sequence.
+    rows: RowBufs<B>,
+    /// LM-head logits of the last step (B, V).
+    pub logits: B::Buf,
+}
+
+/// What one pass through a block writes, for `n` rows at a time: one row per sequence in a
+/// decode step, every prompt token in the prefill.
+struct RowBufs<B: DecodeOps> {
+    n: usize,
     x: B::Buf,
     ln: B::Buf,
     mean: B::Buf,
@@ -836,8 +855,6 @@ pub struct DecodeState<B: DecodeOps> {
     o: B::Buf,
     fc: B::Buf,
     act: B::Buf,
-    /// LM-head logits of the last step (B, V).
-    pub logits: B::Buf,
 }
 
 impl<B: DecodeOps> Model<B> {
@@ -858,80 +875,45 @@ impl<B: DecodeOps> Model<B> {
                 batch.t, cfg.max_position
             )));
         }
-        let (b, n, c) = (batch.b, batch.n(), cfg.hidden_size);
+        let (b, c) = (batch.b, cfg.hidden_size);
         let shape = self.attn_shape(batch);
+        let a = shape.out_width();
         let mut state = self.decode_state(be, batch, t_max);
-        let (qkv_w, a) = (shape.qkv_width(), shape.out_width());
-        let (f, i) = self.mlp_widths();
-        let l = &self.layout;
-        let mut x = be.zeros(n * c);
-        let (mut ln, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
-        let (mut qkv, mut att) = (be.zeros(n * qkv_w), be.zeros(n * a));
+        let mut r = self.row_bufs(be, batch.n());
         let mut lse = be.zeros(b * cfg.n_head * batch.t);
-        let (mut o, mut fc, mut act) = (be.zeros(n * c), be.zeros(n * f), be.zeros(n * i));
-        be.embedding_forward(
-            be.all_mut(&mut x),
-            self.p(be, &l.embed),
-            &batch.ids,
-            c,
-            false,
-        );
-        if let Some(pe) = &l.pos_embed {
-            be.embedding_forward(be.all_mut(&mut x), self.p(be, pe), &batch.pos, c, true);
-        }
+        let l = &self.layout;
+        self.embed(be, &mut r.x, &batch.ids, &batch.pos);
         let last = l.blocks.len() - 1;
         for (li, bp) in l.blocks.iter().enumerate() {
-            self.norm_forward(
-                be, &mut ln, &mut mean, &mut rstd, &x, &bp.ln1_w, &bp.ln1_b, n,
-            );
-            self.linear_into(be, &mut qkv, &ln, &bp.qkv_w, &bp.qkv_b, n, c, qkv_w);
-            if let Some(theta) = self.rope_theta() {
-                be.rope_forward(be.all_mut(&mut qkv), &batch.pos, shape, theta);
-            }
+            self.block_head(be, &mut r, bp, &batch.pos, shape);
             be.kv_cache_store(
                 be.all_mut(&mut state.k[li]),
                 be.all_mut(&mut state.v[li]),
-                be.all(&qkv),
+                be.all(&r.qkv),
                 shape,
                 0,
                 t_max,
             );
-            be.attention_forward(
-                be.all_mut(&mut att),
-                be.all_mut(&mut lse),
-                be.all(&qkv),
-                &batch.mask,
-                shape,
-            );
+            let (att, lse) = (be.all_mut(&mut r.att), be.all_mut(&mut lse));
+            be.attention_forward(att, lse, be.all(&r.qkv), &batch.mask, shape);
             if li == last {
                 break;
             }
-            self.linear_into(be, &mut o, &att, &bp.o_w, &bp.o_b, n, a, c);
-            be.add_inplace(be.all_mut(&mut x), be.all(&o));
-            self.norm_forward(
-                be, &mut ln, &mut mean, &mut rstd, &x, &bp.ln2_w, &bp.ln2_b, n,
-            );
-            self.linear_into(be, &mut fc, &ln, &bp.fc_w, &bp.fc_b, n, c, f);
-            match cfg.act {
-                Act::Gelu => be.gelu_forward(be.all_mut(&mut act), be.all(&fc)),
-                Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut act), be.all(&fc), n, i),
-            }
-            self.linear_into(be, &mut o, &act, &bp.proj_w, &bp.proj_b, n, i, c);
-            be.add_inplace(be.all_mut(&mut x), be.all(&o));
+            self.block_tail(be, &mut r, bp);
         }
         // Each row's last column (left padding puts every prompt's end at t - 1).
-        for r in 0..b {
-            let col = r * batch.t + batch.t - 1;
+        for row in 0..b {
+            let col = row * batch.t + batch.t - 1;
             be.copy(
-                be.view_mut(&mut state.x, r * c..(r + 1) * c),
-                be.view(&x, col * c..(col + 1) * c),
+                be.view_mut(&mut state.rows.x, row * c..(row + 1) * c),
+                be.view(&r.x, col * c..(col + 1) * c),
             );
             be.copy(
-                be.view_mut(&mut state.att, r * a..(r + 1) * a),
-                be.view(&att, col * a..(col + 1) * a),
+                be.view_mut(&mut state.rows.att, row * a..(row + 1) * a),
+                be.view(&r.att, col * a..(col + 1) * a),
             );
         }
-        self.block_tail(be, &mut state, &l.blocks[last]);
+        self.block_tail(be, &mut state.rows, &l.blocks[last]);
         self.step_logits(be, &mut state)?;
         Ok(state)
     }
@@ -939,11 +921,7 @@ impl<B: DecodeOps> Model<B> {
     /// The decode state of `batch` with an empty cache of `t_max` columns.
     fn decode_state(&self, be: &B, batch: &Batch, t_max: usize) -> DecodeState<B> {
         let cfg = &self.cfg;
-        let (b, c, v) = (batch.b, cfg.hidden_size, cfg.vocab_size);
-        let one = AttnShape {
-            t: 1,
-            ..self.attn_shape(batch)
-        };
+        let (b, v) = (batch.b, cfg.vocab_size);
         let cache_len = b * cfg.n_kv_head * t_max * cfg.head_dim;
         let mut key_mask = vec![false; b * t_max];
         let mut next_pos = vec![0u32; b];
@@ -952,7 +930,6 @@ impl<B: DecodeOps> Model<B> {
             key_mask[r * t_max..r * t_max + batch.t].copy_from_slice(row);
             next_pos[r] = row.iter().filter(|&&m| m).count() as u32;
         }
-        let (f, i) = self.mlp_widths();
         DecodeState {
             k: (0..cfg.n_layer).map(|_| be.zeros(cache_len)).collect(),
             v: (0..cfg.n_layer).map(|_| be.zeros(cache_len)).collect(),
@@ -961,62 +938,68 @@ impl<B: DecodeOps> Model<B> {
             len: batch.t,
             key_mask,
             next_pos,
-            x: be.zeros(b * c),
-            ln: be.zeros(b * c),
-            mean: be.zeros(b),
-            rstd: be.zeros(b),
-            qkv: be.zeros(b * one.qkv_width()),
-            att: be.zeros(b * one.out_width()),
-            o: be.zeros(b * c),
-            fc: be.zeros(b * f),
-            act: be.zeros(b * i),
+            rows: self.row_bufs(be, b),
             logits: be.zeros(b * v),
         }
     }
 
-    /// The rest of a block after its attention, on the B rows of `s.att` and `s.x`: output
-    /// projection and residual, then the MLP and its residual.
-    fn block_tail(&self, be: &B, s: &mut DecodeState<B>, bp: &super::layout::BlockParams) {
-        let (b, c) = (s.b, self.cfg.hidden_size);
-        let a = self.cfg.n_head * self.cfg.head_dim;
+    /// Buffers for `n` rows of one pass through a block.
+    fn row_bufs(&self, be: &B, n: usize) -> RowBufs<B> {
+        let cfg = &self.cfg;
+        let c = cfg.hidden_size;
+        let qkv_w = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim;
         let (f, i) = self.mlp_widths();
-        self.linear_into(be, &mut s.o, &s.att, &bp.o_w, &bp.o_b, b, a, c);
-        be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
-        self.norm_forward(
-            be,
-            &mut s.ln,
-            &mut s.mean,
-            &mut s.rstd,
-            &s.x,
-            &bp.ln2_w,
-            &bp.ln2_b,
-            b,
-        );
-        self.linear_into(be, &mut s.fc, &s.ln, &bp.fc_w, &bp.fc_b, b, c, f);
-        match self.cfg.act {
-            Act::Gelu => be.gelu_forward(be.all_mut(&mut s.act), be.all(&s.fc)),
-            Act::SwiGlu => be.swiglu_forward(be.all_mut(&mut s.act), be.all(&s.fc), b, i),
+        RowBufs {
+            n,
+            x: be.zeros(n * c),
+            ln: be.zeros(n * c),
+            mean: be.zeros(n),
+            rstd: be.zeros(n),
+            qkv: be.zeros(n * qkv_w),
+            att: be.zeros(n * cfg.n_head * cfg.head_dim),
+            o: be.zeros(n * c),
+            fc: be.zeros(n * f),
+            act: be.zeros(n * i),
         }
-        self.linear_into(be, &mut s.o, &s.act, &bp.proj_w, &bp.proj_b, b, i, c);
-        be.add_inplace(be.all_mut(&mut s.x), be.all(&s.o));
     }
 
-    /// The final norm and LM head of the B rows of `s.x`, into `s.logits`.
+    /// A block up to its attention, on the rows of `r.x`: the first norm, the q/k/v projection
+    /// and, with RoPE, the rotation at positions `pos`, into `r.qkv`.
+    fn block_head(&self, be: &B, r: &mut RowBufs<B>, bp: &BlockParams, pos: &[u32], s: AttnShape) {
+        let c = self.cfg.hidden_size;
+        let (ln, mean, rstd) = (&mut r.ln, &mut r.mean, &mut r.rstd);
+        self.norm_forward(be, ln, mean, rstd, &r.x, &bp.ln1_w, &bp.ln1_b, r.n);
+        let qkv_w = s.qkv_width();
+        self.linear_into(be, &mut r.qkv, &r.ln, &bp.qkv_w, &bp.qkv_b, r.n, c, qkv_w);
+        if let Some(theta) = self.rope_theta() {
+            be.rope_forward(be.all_mut(&mut r.qkv), pos, s, theta);
+        }
+    }
+
+    /// The rest of a block after its attention, on the rows of `r.att` and `r.x`: output
+    /// projection and residual, then the MLP and its residual.
+    fn block_tail(&self, be: &B, r: &mut RowBufs<B>, bp: &BlockParams) {
+        let (n, c) = (r.n, self.cfg.hidden_size);
+        let a = self.cfg.n_head * self.cfg.head_dim;
+        let (f, i) = self.mlp_widths();
+        self.linear_into(be, &mut r.o, &r.att, &bp.o_w, &bp.o_b, n, a, c);
+        be.add_inplace(be.all_mut(&mut r.x), be.all(&r.o));
+        let (ln, mean, rstd) = (&mut r.ln, &mut r.mean, &mut r.rstd);
+        self.norm_forward(be, ln, mean, rstd, &r.x, &bp.ln2_w, &bp.ln2_b, n);
+        self.linear_into(be, &mut r.fc, &r.ln, &bp.fc_w, &bp.fc_b, n, c, f);
+        self.act_forward(be, &mut r.act, &r.fc, n);
+        self.linear_into(be, &mut r.o, &r.act, &bp.proj_w, &bp.proj_b, n, i, c);
+        be.add_inplace(be.all_mut(&mut r.x), be.all(&r.o));
+    }
+
+    /// The final norm and LM head of the B rows of `s.rows.x`, into `s.logits`.
     fn step_logits(&self, be: &B, s: &mut DecodeState<B>) -> Result<()> {
-        let (b, c, v) = (s.b, self.cfg.hidden_size, self.cfg.vocab_size);
-        let l = &self.layout;
-        self.norm_forward(
-            be,
-            &mut s.ln,
-            &mut s.mean,
-            &mut s.rstd,
-            &s.x,
-            &l.lnf_w,
-            &l.lnf_b,
-            b,
-        );
+        let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let (l, r) = (&self.layout, &mut s.rows);
+        let (ln, mean, rstd) = (&mut r.ln, &mut r.mean, &mut r.rstd);
+        self.norm_forward(be, ln, mean, rstd, &r.x, &l.lnf_w, &l.lnf_b, r.n);
         let lm = self.lm_range()?;
-        self.linear_into(be, &mut s.logits, &s.ln, &lm, &None, b, c, v);
+        self.linear_into(be, &mut s.logits, &r.ln, &lm, &None, r.n, c, v);
         Ok(())
     }
 
@@ -1024,7 +1007,7 @@ impl<B: DecodeOps> Model<B> {
     /// logits into `state.logits`. Allocates nothing.
     pub fn decode_step(&self, be: &B, state: &mut DecodeState<B>, ids: &[u32]) -> Result<()> {
         let cfg = &self.cfg;
-        let (b, c, v) = (state.b, cfg.hidden_size, cfg.vocab_size);
+        let (b, v) = (state.b, cfg.vocab_size);
         if state.len >= state.t_max {
             return Err(Error::Invalid(format!(
                 "the KV cache is full ({} columns)",
@@ -1041,51 +1024,36 @@ impl<B: DecodeOps> Model<B> {
             n_kv_head: cfg.n_kv_head,
             head_dim: cfg.head_dim,
         };
-        let qkv_w = shape.qkv_width();
         let l = &self.layout;
         let col = state.len;
         for r in 0..b {
             state.key_mask[r * state.t_max + col] = true;
         }
         let s = state;
-        be.embedding_forward(be.all_mut(&mut s.x), self.p(be, &l.embed), ids, c, false);
-        if let Some(pe) = &l.pos_embed {
-            be.embedding_forward(be.all_mut(&mut s.x), self.p(be, pe), &s.next_pos, c, true);
-        }
+        self.embed(be, &mut s.rows.x, ids, &s.next_pos);
         for (li, bp) in l.blocks.iter().enumerate() {
-            self.norm_forward(
-                be,
-                &mut s.ln,
-                &mut s.mean,
-                &mut s.rstd,
-                &s.x,
-                &bp.ln1_w,
-                &bp.ln1_b,
-                b,
-            );
-            self.linear_into(be, &mut s.qkv, &s.ln, &bp.qkv_w, &bp.qkv_b, b, c, qkv_w);
-            if let Some(theta) = self.rope_theta() {
-                be.rope_forward(be.all_mut(&mut s.qkv), &s.next_pos, shape, theta);
-            }
+            self.block_head(be, &mut s.rows, bp, &s.next_pos, shape);
+            let r = &mut s.rows;
+            let (kc, vc) = (&mut s.k[li], &mut s.v[li]);
             be.kv_cache_store(
-                be.all_mut(&mut s.k[li]),
-                be.all_mut(&mut s.v[li]),
-                be.all(&s.qkv),
+                be.all_mut(kc),
+                be.all_mut(vc),
+                be.all(&r.qkv),
                 shape,
                 col,
                 s.t_max,
             );
             be.attention_decode(
-                be.all_mut(&mut s.att),
-                be.all(&s.qkv),
-                be.all(&s.k[li]),
-                be.all(&s.v[li]),
+                be.all_mut(&mut r.att),
+                be.all(&r.qkv),
+                be.all(kc),
+                be.all(vc),
                 &s.key_mask,
                 shape,
                 col + 1,
                 s.t_max,
             );
-            self.block_tail(be, s, bp);
+            self.block_tail(be, r, bp);
         }
         self.step_logits(be, s)?;
         s.len += 1;

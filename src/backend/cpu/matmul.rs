@@ -486,35 +486,24 @@ unsafe fn skinny_task_avx512<const CH: usize>(task: &ProductTask, lanes: &Skinny
     task.each_block::<CH>(|block, ws, xs| {
         // SAFETY: AVX-512F and the block's outputs are the caller's contract.
         unsafe {
+            let run = || skinny_block_avx512::<CH>(task.out, block, lanes, task.bias, ws, *xs);
             if CH == SKINNY_TRIPLE {
-                skinny_block_avx512_outlined::<CH>(task.out, block, lanes, task.bias, ws, *xs)
+                out_of_line(run)
             } else {
-                skinny_block_avx512::<CH>(task.out, block, lanes, task.bias, ws, *xs)
+                run()
             }
         }
     });
 }
 
-/// [`skinny_block_avx512`] as a call of its own. Inlined into the loop over blocks, LLVM kept
-/// the reduction's constants in registers across blocks and spilled 8 of the 24 accumulators
-/// to the stack, which made the three-row kernel half as fast. (Two rows fit either way, and
-/// at the llama fixture's width the call costs them 6%.)
-///
-/// # Safety
-/// As for [`skinny_block_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+/// Runs `f` in a call of its own, so that its body is not inlined into the caller's loop. The
+/// three-row block needs it: inlined into the loop over blocks, LLVM kept the reduction's
+/// constants in registers across blocks and spilled 8 of the 24 accumulators to the stack,
+/// which made the kernel half as fast. (Two rows fit either way, and at the llama fixture's
+/// width the call costs them 6%.)
 #[inline(never)]
-unsafe fn skinny_block_avx512_outlined<const CH: usize>(
-    out: *mut f32,
-    block: &SkinnyBlock,
-    lanes: &SkinnyLanes,
-    bias: Option<&[f32]>,
-    ws: [&[f32]; CH],
-    xs: [&[f32]; SKINNY_GROUP],
-) {
-    // SAFETY: the caller's contract.
-    unsafe { skinny_block_avx512::<CH>(out, block, lanes, bias, ws, xs) }
+fn out_of_line(f: impl FnOnce()) {
+    f()
 }
 
 /// Where the AVX-512 kernel's sums go: it reduces its accumulators `a = j·8 + r` (channel

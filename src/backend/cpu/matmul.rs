@@ -278,11 +278,10 @@ const SKINNY_GROUP: usize = 8;
 /// three multiply-adds instead of one. Two rows (16 accumulators, 2 weight vectors and an input
 /// vector) serve the portable kernel and the AVX-512 kernel below [`SKINNY_TRIPLE_WIDTH`];
 /// three rows (24, 3 and 1 of AVX-512's 32 registers) serve the AVX-512 kernel from there.
-/// With two, the weight stream fell short of the memory's pace: over the 6-layer config's 44 MB
-/// of decode products on 2 threads, a lab copy of the kernel read 33–37 GB/s with two rows and
-/// 42–52 GB/s with three, where plain sums read the same weights at 66–74 GB/s. `rlhf bench
-/// generate --no-torch --rounds 5 --configs gpt2-6l-384`, alternating binaries four times:
-/// 5439 / 5192 / 5239 / 5648 tok/s with two, 5901 / 5350 / 5794 / 5736 with three.
+/// With two, the weight stream fell short of the memory's pace on the 6-layer config: `rlhf
+/// bench generate --no-torch --rounds 5 --configs gpt2-6l-384`, alternating binaries four
+/// times, gave 5439 / 5192 / 5239 / 5648 tok/s with two and 5901 / 5350 / 5794 / 5736 with
+/// three.
 const SKINNY_PAIR: usize = 2;
 const SKINNY_TRIPLE: usize = 3;
 
